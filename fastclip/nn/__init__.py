@@ -1,0 +1,4 @@
+"""Thin nn.Modules over fastclip.ops."""
+from .loss import ClipLoss, SigLipLoss
+
+__all__ = ["ClipLoss", "SigLipLoss"]

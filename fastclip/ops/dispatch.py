@@ -1,0 +1,126 @@
+"""Backend selection shared by every op.
+
+Each op registers its backends in priority order.  A backend declares what it can run (devices,
+dtypes, packages it needs) and may add a custom check; the dispatcher returns the first backend
+that fits the inputs, or raises listing every backend's reason for refusing.
+
+Precedence: the ``backend=`` argument, then the ``FASTCLIP_BACKEND`` environment variable, then
+automatic selection.  An explicit choice that cannot run raises; automatic selection only picks a
+backend that declares itself usable, so it never silently runs something wrong.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["Backend", "BackendError", "register", "backends", "select", "package_status", "all_ops"]
+
+_ENV = "FASTCLIP_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the requested one) can run these inputs."""
+
+
+@functools.lru_cache(maxsize=None)
+def package_status(name: str) -> Optional[str]:
+    """None if ``import name`` works, else the reason it does not (recorded, never raised)."""
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"cannot import {name}: {type(exc).__name__}: {exc}".strip()
+    return None
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Backend:
+    """What a backend can run.  ``check`` returns extra reasons for specific inputs."""
+
+    name: str
+    fn: Callable
+    devices: Sequence[str] = ("cpu", "cuda")
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16)
+    packages: Sequence[str] = ()
+    check: Optional[Callable[..., list[str]]] = None
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def reasons(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                **inputs) -> list[str]:
+        """Why this backend cannot run inputs on ``device``/``dtype`` (empty list: it can)."""
+        out = []
+        for pkg in self.packages:
+            why = package_status(pkg)
+            if why:
+                out.append(why)
+        if device is not None and device.type not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)}, inputs are on {device.type}")
+        if dtype is not None and dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"supports dtypes {names}, got {str(dtype).replace('torch.', '')}")
+        if not out and self.check is not None:
+            out.extend(self.check(device=device, dtype=dtype, **inputs))
+        return out
+
+
+_REGISTRY: dict[str, list[Backend]] = {}
+
+
+def register(op: str, backend: Backend) -> Backend:
+    """Add ``backend`` to ``op``'s list (earlier registrations have priority in automatic mode)."""
+    lst = _REGISTRY.setdefault(op, [])
+    if any(b.name == backend.name for b in lst):
+        raise ValueError(f"backend {backend.name!r} is already registered for op {op!r}")
+    lst.append(backend)
+    return backend
+
+
+def backends(op: str) -> list[Backend]:
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+    return list(_REGISTRY[op])
+
+
+def all_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def select(op: str, backend: Optional[str] = "auto", *, device: Optional[torch.device] = None,
+           dtype: Optional[torch.dtype] = None, auto_skip: Sequence[str] = (), **inputs) -> Backend:
+    """Pick the backend for ``op``.
+
+    ``backend``: a backend name, or "auto"/None (then ``FASTCLIP_BACKEND`` if set, else the first
+    usable backend that is not in ``auto_skip``).  Raises :class:`BackendError` with every reason.
+    """
+    candidates = backends(op)
+    names = [b.name for b in candidates]
+    requested = backend if backend not in (None, "auto") else os.environ.get(_ENV) or "auto"
+    source = "backend=" if backend not in (None, "auto") else f"{_ENV}="
+    if requested != "auto":
+        if requested not in names:
+            raise ValueError(f"{source}{requested!r} is not a backend of {op}; choose one of {names} or 'auto'")
+        chosen = candidates[names.index(requested)]
+        why = chosen.reasons(device=device, dtype=dtype, **inputs)
+        if why:
+            raise BackendError(f"{op}: backend {requested!r} ({source}) cannot run these inputs: " + "; ".join(why))
+        return chosen
+    refusals = []
+    for b in candidates:
+        if b.name in auto_skip:
+            refusals.append(f"  {b.name}: not chosen automatically ({b.doc or 'explicit use only'})")
+            continue
+        why = b.reasons(device=device, dtype=dtype, **inputs)
+        if not why:
+            return b
+        refusals.append(f"  {b.name}: " + "; ".join(why))
+    raise BackendError(f"{op}: no backend can run these inputs:\n" + "\n".join(refusals))
