@@ -43,11 +43,13 @@ def check_features(image_features, text_features, *, same_rows: bool = True) -> 
 
 def as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor, *, required: bool,
                      check_finite: bool = True) -> Optional[torch.Tensor]:
-    """``value`` as a 0-dim float32 tensor on ``like``'s device, keeping its autograd graph.
+    """``value`` as a 0-dim tensor on ``like``'s device in the accumulation precision (float64 for
+    float64 features, else float32), keeping its autograd graph.
 
     Accepts Python numbers and tensors with one element (0-dim or shape [1], as some trainers store
     logit_scale).  Non-finite values raise: they would silently turn the loss into NaN.
     """
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     if value is None:
         if required:
             raise TypeError(f"{name} is required, got None")
@@ -63,10 +65,10 @@ def as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor, *, 
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
         if check_finite and not bool(torch.isfinite(value.detach()).all()):
             raise ValueError(f"{name} must be finite, got {value.detach().reshape(-1)[0].item()}")
-        return value.reshape(()).to(device=like.device, dtype=torch.float32)
+        return value.reshape(()).to(device=like.device, dtype=acc)
     if check_finite and not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), device=like.device, dtype=torch.float32)
+    return torch.tensor(float(value), device=like.device, dtype=acc)
 
 
 def check_chunk_size(chunk_size) -> Optional[int]:

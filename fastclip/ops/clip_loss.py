@@ -90,17 +90,35 @@ def _tile_logits(a_blk: torch.Tensor, b_blk: torch.Tensor, scale: float, acc: to
     return z.mul_(scale)
 
 
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    # Log-sum-exp statistics are kept in fp64: an fp32 lse of size ~400 carries an ulp of 3e-5,
+    # which exp(z - lse) would turn into a 3e-5 relative error on every probability.  The vectors
+    # are O(N), so the precision is free; the tiles stay in fp32 (see _sub_stat).
+    return torch.float64
+
+
+def _sub_stat(z: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = z - stat with an fp64 ``stat`` applied to an fp32 tile as hi then lo part.
+
+    z - hi is exact wherever it matters (Sterbenz: z within a factor 2 of hi), and lo is tiny."""
+    if stat.dtype == z.dtype:
+        return torch.sub(z, stat, out=out)
+    hi = stat.to(z.dtype)
+    lo = (stat - hi.to(stat.dtype)).to(z.dtype)
+    return torch.sub(z, hi, out=out).sub_(lo)
+
+
 def chunked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exp of z = scale * a @ b.T, tile by tile.
 
     a: [M, D], b: [K, D] (M and K may differ: the distributed loss passes local rows against all
-    columns).  Returns (row_lse [M], col_lse [K]) in fp32 (fp64 for fp64 inputs); col_lse covers
-    only the M rows given.
+    columns).  Returns (row_lse [M], col_lse [K]) in fp64; col_lse covers only the M rows given
+    (merge partials with a logsumexp).
     """
-    acc, mmd = _acc_dtype(a), _mm_dtype(a)
+    acc, mmd, st = _acc_dtype(a), _mm_dtype(a), _stat_dtype(a)
     M, K = a.shape[0], b.shape[0]
-    row_lse = torch.empty(M, device=a.device, dtype=acc)
-    col_lse = torch.full((K,), -math.inf, device=a.device, dtype=acc)
+    row_lse = torch.empty(M, device=a.device, dtype=st)
+    col_lse = torch.full((K,), -math.inf, device=a.device, dtype=st)
     buf = torch.empty(min(chunk, M) * min(chunk, K), device=a.device, dtype=acc)
     for i in range(0, M, chunk):
         a_blk = a[i:i + chunk].to(mmd)
@@ -108,10 +126,11 @@ def chunked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, chunk: int) -> t
         for j in range(0, K, chunk):
             z = _tile_logits(a_blk, b[j:j + chunk].to(mmd), scale, acc)
             e = buf[: z.numel()].view_as(z)
+            # max (an exact logit) + log(sum exp(z - max)) (small), added in fp64
             m_r = z.amax(dim=1, keepdim=True)
-            row_parts.append(m_r.squeeze(1) + torch.sub(z, m_r, out=e).exp_().sum(dim=1).log_())
+            row_parts.append(m_r.squeeze(1).to(st) + torch.sub(z, m_r, out=e).exp_().sum(dim=1).log_().to(st))
             m_c = z.amax(dim=0, keepdim=True)
-            tile_c = m_c.squeeze(0) + torch.sub(z, m_c, out=e).exp_().sum(dim=0).log_()
+            tile_c = m_c.squeeze(0).to(st) + torch.sub(z, m_c, out=e).exp_().sum(dim=0).log_().to(st)
             torch.logaddexp(col_lse[j:j + chunk], tile_c, out=col_lse[j:j + chunk])
         row_lse[i:i + chunk] = torch.logsumexp(torch.stack(row_parts), dim=0)
     return row_lse, col_lse
@@ -124,6 +143,7 @@ def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_ls
 
     z = scale * a @ b.T recomputed tile by tile; accumulation in fp32 (fp64 for fp64 inputs).
     Callers fold the loss's averaging weights into row_lse/col_lse (lse + log(1/weight)).
+    The statistics may be fp64 (as chunked_lse returns them); they are applied in two fp32 steps.
     """
     acc, mmd = _acc_dtype(a), _mm_dtype(a)
     M, K = a.shape[0], b.shape[0]
@@ -137,8 +157,8 @@ def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_ls
             b_blk = b[j:j + chunk].to(mmd)
             z = _tile_logits(a_blk, b_blk, scale, acc)
             p = buf[: z.numel()].view_as(z)
-            torch.sub(z, r, out=p).exp_()
-            p.add_(z.sub_(col_lse[j:j + chunk]).exp_())
+            _sub_stat(z, r, p).exp_()
+            p.add_(_sub_stat(z, col_lse[j:j + chunk], z).exp_())
             pm = p if mmd == acc else p.to(mmd)
             if need_a:
                 if mmd == acc:
@@ -210,7 +230,7 @@ class ClipLossFunction(torch.autograd.Function):
         row_lse, col_lse = engine.lse(a, b, s, chunk)
         diag, sa, sb = _target_terms(a, b, eps, acc, chunk)
         lin_raw = (1.0 - eps) * diag + ((eps / n) * torch.dot(sa, sb) if eps else 0.0)
-        loss = (row_lse.sum() + col_lse.sum()) / (2 * n) - s * lin_raw / n
+        loss = (row_lse.sum().to(acc) + col_lse.sum().to(acc)) / (2 * n) - s * lin_raw / n
         ctx.save_for_backward(a, b, scale_t, row_lse, col_lse)
         ctx.extra = (eps, chunk, engine, lin_raw, sa, sb)
         out_dtype = torch.promote_types(a.dtype, torch.float32)
@@ -225,7 +245,7 @@ class ClipLossFunction(torch.autograd.Function):
         if not (need_a or need_b or need_s):
             return None, None, None, None, None, None
         n = a.shape[0]
-        acc = row_lse.dtype
+        acc = _acc_dtype(a)
         s = float(scale_t)
         g = grad_out.to(acc)
         shift = math.log(2 * n)  # folds the 1/(2N) of the two means into the exponent

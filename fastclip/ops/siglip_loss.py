@@ -121,16 +121,9 @@ class SigLipLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        g = grad_out
-        out = []
-        for k, grad in enumerate(ctx.grads):
-            if grad is None:
-                out.append(None)
-            elif k < 2:
-                out.append(grad.mul_(g.to(grad.dtype)).to(ctx.dtypes[k]))
-            else:
-                out.append(grad * g.to(grad.dtype))
-        ctx.grads = None
+        # Out of place: the stored gradients must survive a second backward (retain_graph=True).
+        out = [None if grad is None else grad * grad_out.to(grad.dtype) for grad in ctx.grads]
+        out[:2] = [None if x is None else x.to(dt) for x, dt in zip(out[:2], ctx.dtypes)]
         return (*out, None, None)
 
 

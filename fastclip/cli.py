@@ -1,0 +1,103 @@
+"""``fastclip`` command line: thin subcommands over the library.
+
+    fastclip info            versions, device, every backend's usability (= python -m fastclip.info)
+    fastclip demo            the contrastive loss on this machine: chunked vs materialised logits
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _matmul_rate(d: int, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate (FLOP/s) on (4096 x d) @ (d x 4096), after a warm-up."""
+    import torch
+    a, b = torch.randn(4096, d), torch.randn(4096, d)
+    for _ in range(3):  # the first GEMMs of a process run slow (thread pool, clocks)
+        a @ b.T
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 * 4096 * d / best
+
+
+def _peak_rss_delta(fn):
+    """(result, peak RSS growth in bytes) of fn(); Linux only (None elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status("VmRSS")
+    except OSError:
+        return fn(), None
+    out = fn()
+    return out, _status("VmHWM") - before
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> None:
+    import torch
+
+    from .ops import clip_loss
+    rate = _matmul_rate(d)
+    print(f"fastclip loss demo: fp32, D={d}, {torch.get_num_threads()} threads, "
+          f"measured matmul rate {rate / 1e9:.0f} GFLOP/s")
+    print(f"{'N':>6} {'backend':>10} {'loss':>10} {'fwd+bwd s':>10} {'x floor':>8} {'GFLOP/s':>8} {'peak MB':>8}")
+    for n in sizes:
+        g = torch.Generator().manual_seed(n)
+        a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+        b = torch.nn.functional.normalize(a + torch.randn(n, d, generator=g), dim=1)
+        floor = 8 * n * n * d / rate
+        values = {}
+        for name in backends:
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            s = torch.tensor(14.3, requires_grad=True)
+
+            def step():
+                t = time.perf_counter()
+                loss = clip_loss(x, y, s, backend=name)
+                loss.backward()
+                return loss.item(), time.perf_counter() - t
+            (loss, secs), peak = _peak_rss_delta(step)
+            values[name] = (loss, x.grad)
+            mb = f"{peak / 2**20:8.0f}" if peak is not None else "       -"
+            print(f"{n:6d} {name:>10} {loss:10.5f} {secs:10.3f} {secs / floor:8.2f} "
+                  f"{8 * n * n * d / secs / 1e9:8.1f} {mb}")
+        if len(values) > 1:
+            (l0, g0), (l1, g1) = values[backends[0]], values[backends[1]]
+            err = (g0 - g1).abs().max().item() / g1.abs().max().item()
+            print(f"{'':6} {backends[0]} vs {backends[1]}: |loss diff| {abs(l0 - l1):.2e}, "
+                  f"max grad diff / max grad {err:.2e}")
+    print("floor = 8*N^2*D FLOPs at the measured matmul rate; peak MB = RSS growth during fwd+bwd")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastclip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, device and backend usability")
+    p = sub.add_parser("demo", help="run the contrastive loss on this machine and print timings")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="batch sizes N")
+    p.add_argument("--dim", type=int, default=512, help="feature dimension D")
+    p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        from .info import main as info_main
+        info_main()
+    elif args.cmd == "demo":
+        if any(n < 1 for n in args.sizes) or args.dim < 1:
+            parser.error("--sizes and --dim must be positive")
+        demo(tuple(args.sizes), args.dim, tuple(args.backends))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

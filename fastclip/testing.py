@@ -1,0 +1,61 @@
+"""Helpers for comparing an op against its reference twin (used by fastclip's tests, usable by yours)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# (dtype, atol, rtol) for a result computed from inputs of `dtype` against an fp64 oracle.  atol is
+# relative to the largest magnitude of the expected tensor, so one table serves losses (~log N) and
+# gradients (~scale / N) alike.
+TOLERANCES = (
+    (torch.float64, 1e-10, 1e-8),
+    (torch.float32, 2e-5, 1e-4),
+    (torch.float16, 2e-3, 5e-3),
+    (torch.bfloat16, 1e-2, 2e-2),
+)
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    for d, atol, rtol in TOLERANCES:
+        if d == dtype:
+            return atol, rtol
+    raise KeyError(f"no tolerance for {dtype}")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                 what: str = "value", atol: Optional[float] = None, rtol: Optional[float] = None,
+                 scale_floor: float = 1e-30) -> None:
+    """Assert |actual - expected| <= atol * max(max|expected|, scale_floor) + rtol * |expected|.
+
+    ``scale_floor=1`` suits loss values (nats), whose exact value can be 0 (N = 1).
+
+    The failure message says where the worst element is, both values, and by how much it is off.
+    """
+    if actual is None or expected is None:
+        raise AssertionError(f"{what}: actual is {actual is None and 'None' or 'set'}, "
+                             f"expected is {expected is None and 'None' or 'set'}")
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    d_atol, d_rtol = tolerance(dtype or actual.dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if not torch.isfinite(a).all():
+        bad = (~torch.isfinite(a)).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: non-finite value {a[tuple(bad)].item()} at index {bad}")
+    scale = e.abs().max().item() if e.numel() else 0.0
+    err = (a - e).abs()
+    allowed = atol * max(scale, scale_floor) + rtol * e.abs()
+    excess = err - allowed
+    if e.numel() and excess.max().item() > 0:
+        idx = excess.argmax()
+        where = list(torch.unravel_index(idx, e.shape)) if e.dim() else []
+        where = [int(w) for w in where]
+        n_bad = int((excess > 0).sum())
+        raise AssertionError(
+            f"{what}: {n_bad}/{e.numel()} elements out of tolerance (atol={atol:g} x max|expected|={scale:.3g}, "
+            f"rtol={rtol:g}); worst at index {where}: actual {a.reshape(-1)[idx].item():.8g}, expected "
+            f"{e.reshape(-1)[idx].item():.8g}, |diff| {err.reshape(-1)[idx].item():.3g} "
+            f"(allowed {allowed.reshape(-1)[idx].item():.3g}); max |diff| overall {err.max().item():.3g}")

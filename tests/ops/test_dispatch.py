@@ -1,0 +1,70 @@
+"""The dispatcher: explicit > FASTCLIP_BACKEND > auto, and refusals that explain themselves."""
+import pytest
+import torch
+
+from fastclip.ops import clip_loss, dispatch, siglip_loss
+
+
+@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss"])
+def test_auto_on_cpu_picks_chunked(op, monkeypatch):
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from fastclip.ops.clip_loss import _auto_skip
+    b = dispatch.select(op, "auto", device=torch.device("cpu"), dtype=torch.float32,
+                        auto_skip=_auto_skip(torch.device("cpu")))
+    assert b.name == "chunked"
+
+
+def test_auto_never_picks_triton_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from fastclip.ops.clip_loss import _auto_skip
+    b = dispatch.select("clip_loss", "auto", device=torch.device("cpu"), dtype=torch.float32,
+                        auto_skip=_auto_skip(torch.device("cpu")))
+    assert b.name == "chunked"
+
+
+def test_explicit_triton_on_cpu_without_interpreter_explains(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.randn(4, 8)
+    with pytest.raises(dispatch.BackendError, match=r"backend 'triton' \(backend=\) cannot run.*TRITON_INTERPRET=1"):
+        clip_loss(a, a, 1.0, backend="triton")
+    with pytest.raises(dispatch.BackendError, match=r"TRITON_INTERPRET=1"):
+        siglip_loss(a, a, 1.0, 0.0, backend="triton")
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    calls = []
+    b = dispatch.backends("clip_loss")[[x.name for x in dispatch.backends("clip_loss")].index("reference")]
+    orig = b.fn
+    monkeypatch.setattr(b, "fn", lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setenv("FASTCLIP_BACKEND", "reference")
+    a = torch.randn(4, 8)
+    clip_loss(a, a, 1.0)
+    assert calls == [1]
+    monkeypatch.setenv("FASTCLIP_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"FASTCLIP_BACKEND='bogus' is not a backend of clip_loss"):
+        clip_loss(a, a, 1.0)
+    # the argument beats the environment
+    calls.clear()
+    monkeypatch.setenv("FASTCLIP_BACKEND", "reference")
+    clip_loss(a, a, 1.0, backend="chunked")
+    assert calls == []
+
+
+def test_dtype_refusal_lists_every_backend():
+    a = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(dispatch.BackendError, match=r"supports dtypes float32, float16, bfloat16, got float64"):
+        clip_loss(a, a, 1.0, backend="triton")
+
+
+def test_no_backend_message_lists_all_reasons():
+    reg = "_test_only_op"
+    dispatch.register(reg, dispatch.Backend("a", lambda: None, devices=("cuda",)))
+    dispatch.register(reg, dispatch.Backend("b", lambda: None, packages=("surely_not_a_package_xyz",)))
+    with pytest.raises(dispatch.BackendError) as exc:
+        dispatch.select(reg, device=torch.device("cpu"), dtype=torch.float32)
+    msg = str(exc.value)
+    assert "a: runs on cuda, inputs are on cpu" in msg
+    assert "b: cannot import surely_not_a_package_xyz" in msg
+    with pytest.raises(ValueError, match="already registered"):
+        dispatch.register(reg, dispatch.Backend("a", lambda: None))
