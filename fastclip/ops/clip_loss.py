@@ -298,7 +298,7 @@ dispatch.register("clip_loss", dispatch.Backend(
     "triton", _run_engine(_TritonEngine), devices=("cuda", "cpu"), packages=("triton",),
     check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register("clip_loss", dispatch.Backend(
-    "chunked", _run_engine(_ChunkedEngine), devices=("cpu", "cuda", "mps", "xpu"),
+    "chunked", _run_engine(_ChunkedEngine), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="PyTorch tiles, two passes, O(N*D + tile) memory; runs everywhere"))
 dispatch.register("clip_loss", dispatch.Backend(

@@ -141,7 +141,7 @@ dispatch.register("siglip_loss", dispatch.Backend(
     "triton", _run_engine(_TritonSweep), devices=("cuda", "cpu"), packages=("triton",),
     check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register("siglip_loss", dispatch.Backend(
-    "chunked", _run_engine(_ChunkedSweep), devices=("cpu", "cuda", "mps", "xpu"),
+    "chunked", _run_engine(_ChunkedSweep), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="PyTorch tiles, one sweep, O(N*D + tile) memory; runs everywhere"))
 dispatch.register("siglip_loss", dispatch.Backend(
