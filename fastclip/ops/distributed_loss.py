@@ -1,0 +1,780 @@
+"""CLIP and SigLIP losses over a global batch spread across the ranks of a process group.
+
+Rank q of a group of P ranks holds n_q image/text pairs (sizes may differ); the global batch is the
+concatenation in rank order, N = sum_q n_q, and rank r's pairs are global rows off_r .. off_r + n_r.
+Every mode computes an exact result for that global batch, and only the reference twin ever holds
+an N x N (or n x N) logit matrix.  ``group=None`` means the default (WORLD) group; ranks in messages are ranks
+within ``group``.
+
+Design of the lean CLIP mode (``mode="lean"``, the default)
+-----------------------------------------------------------
+Row i of the global logit matrix z = s * A @ T.T is an image, column j a text.  Rank r owns image
+rows and text columns off_r .. off_r + n_r.  It receives the other ranks' text features (P
+broadcasts, issued asynchronously so that its own block is computed while the others arrive, no
+autograd), and sweeps its n_r image rows against all N text columns tile by tile:
+
+* its rows' log-sum-exp r_i are complete locally (each row sees every column);
+* each column's log-sum-exp c_j is only partial (n_r of N rows); the N partials are merged across
+  ranks with one all-reduce MAX and one all-reduce SUM of exp(partial - max), into which the
+  scalar sums of the loss (sum r_i, the diagonal, and for label smoothing sum A, sum T) are
+  packed.  Only these O(N) statistics cross ranks, never logits.  Every rank then holds all c_j,
+  so the text->image half of the loss (text rows = global columns) needs no second sweep and the
+  image features are never sent anywhere.
+
+Backward recomputes the tiles of the same n_r x N strip, P = exp(z - r - log 2N) + exp(z - c - log 2N):
+P @ T gives the gradient of the local image rows completely; P.T @ A gives this rank's share of
+every text feature's gradient.  These shares are summed onto their owners with one ``reduce`` per
+column block (async: one block's reduce is in flight while the next block's tiles are computed),
+and the logit_scale gradient needs one all-reduce of two scalars.
+
+Per rank and step (n = N/P, D features, b bytes per feature element):
+
+==========================  =====================================  ==========================================
+                            lean (this mode)                       open_clip local_loss + gather_with_grad
+==========================  =====================================  ==========================================
+features sent/received      (N - n) * D * b  (text only)           2 * (N - n) * D * b  (both towers)
+statistics                  2 all-reduces of N fp64 (+2D+2)        --
+gradients sent              ~(N - n) * D * 4  (text, fp32)         2 * (N - n) * D * 4  (both towers)
+extra memory                (N-n)*D*b (text blocks, kept for       2*N*D*b + >= 4 * n * N * 4 bytes
+                            backward) + O(N) + ~4*n*D*4 + tiles    (two n x N logit matrices, their
+                                                                   log-softmax and its gradient)
+FLOPs                       8 * n * N * D                          12 * n * N * D
+==========================  =====================================  ==========================================
+
+The lean SigLIP loss has no statistic that couples tiles, so it sweeps the same n_r x N strip once
+in forward (loss and gradients together, as the single-process op does); the text gradient shares
+are reduced to their owners during that sweep, the received text blocks are prefetched at most two
+ahead and dropped after use (extra memory O(n * D + tile), not N * D), and four scalars are
+all-reduced.
+It gives open_clip's neighbour-exchange result (all of open_clip's ``dist_impl`` compute the same
+loss) without its P - 1 sequential exchanges.
+
+open_clip's modes (``mode="gather"``: open_clip's ``local_loss=False``; ``mode="local"``:
+``local_loss=True``; each with ``gather_with_grad``) are reproduced exactly, including their
+per-rank loss values and gradients, with the memory-lean kernels in place of materialised logits.
+Uneven local batches work in every mode (open_clip's own code needs equal ones; ``local`` mode's
+labels are then the global row offsets).
+
+Gradient contract under DistributedDataParallel
+-----------------------------------------------
+DDP averages parameter gradients over ranks (divides their sum by P).  With L the single-process
+loss on the concatenated batch and g_q the gradient flowing into rank q's loss (1 in plain
+training; a loss-scaler factor, equal on all ranks, under AMP):
+
+* ``lean`` (CLIP and SigLIP): every rank returns L.  Backward behaves as if every rank held the
+  whole graph of L and the feature gathers carried gradients (open_clip's gather_with_grad):
+  rank r's features get (sum_q g_q) * dL/d(its features) and its logit_scale / logit_bias get
+  g_r * dL/ds.  After DDP's average every parameter gradient equals the single-process gradient
+  of L (times g).  The logit_scale gradient is complete on each rank and must NOT be summed again:
+  DDP's average of P equal values is that value (summing inside the loss and again in DDP is the
+  P-fold over-count this contract avoids).
+* ``gather``/``local``: exactly open_clip's ClipLoss with the same flags (gather: every rank
+  returns L; local: rank r returns the mean over its own rows and text rows).  After DDP,
+  gather_with_grad=True gives the single-process gradients in both; gather_with_grad=False gives
+  open_clip's known deviations (``gather``: tower gradients 1/P of the single-process ones;
+  ``local``: no gradient through the gathered columns), kept for reproducibility.
+
+Safety: before the first data collective every call all-reduces a small table of each rank's
+shapes, dtypes, flags and scale values (at most P x 16 float64).  An invalid input on any rank, or a
+disagreement between ranks (feature dim, dtype, logit_scale, requires_grad, mode, ...), raises
+:class:`DistributedInputError` on every rank naming the rank and argument, so no rank is left
+waiting in a collective.  All ranks must call backward (as DDP requires anyway).
+
+Layers: reference twin (``backend="reference"``: autograd gathers + materialised logits) ->
+lean autograd Functions over the single-process engines (chunked tiles or Triton kernels) ->
+``distributed_clip_loss`` / ``distributed_siglip_loss``.  The modules are fastclip.ClipLoss and
+fastclip.SigLipLoss with world_size > 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import dispatch
+from ._checks import _FLOATS, as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
+from .clip_loss import (
+    ClipLossFunction,
+    _acc_dtype,
+    _auto_skip,
+    _ChunkedEngine,
+    _rowdot_sum,
+    _TritonEngine,
+    clip_loss,
+    clip_loss_reference,
+    default_chunk_size,
+)
+from .siglip_loss import _ChunkedSweep, _TritonSweep, siglip_loss, siglip_loss_reference
+
+__all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES"]
+
+CLIP_MODES = ("lean", "gather", "local")
+_CLIP_ENGINES = {"chunked": _ChunkedEngine, "triton": _TritonEngine}
+_SIGLIP_ENGINES = {"chunked": _ChunkedSweep, "triton": _TritonSweep}
+_STAT = torch.float64  # cross-rank statistics: O(N) values, so full precision costs nothing
+# Column statistic that switches off the column half of P = exp(z - r) + exp(z - c) (row-only CE).
+# Finite on purpose: inf - inf would be NaN in the split fp64 -> fp32 subtraction of the engines.
+_NO_COLUMN_TERM = 1e30
+
+
+class DistributedInputError(ValueError):
+    """Raised on every rank of the group when any rank's inputs are invalid or the ranks disagree."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Group helpers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Who holds which global rows: counts[q] rows on group rank q, in rank order."""
+
+    rank: int
+    counts: tuple
+
+    @property
+    def world(self) -> int:
+        return len(self.counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def offset(self, q: int) -> int:
+        return sum(self.counts[:q])
+
+    def rows(self, q: int) -> slice:
+        o = self.offset(q)
+        return slice(o, o + self.counts[q])
+
+
+def _group_rank_and_size(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("the distributed loss needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of the process group passed as `group`")
+    return rank, size
+
+
+def _global(group, q: int) -> int:
+    """Global rank of group rank q (collectives address ranks globally)."""
+    return q if group is None or group is dist.group.WORLD else dist.get_global_rank(group, q)
+
+
+def _backend_name(group) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _stat_device(group, like) -> torch.device:
+    backend = _backend_name(group)
+    if isinstance(like, torch.Tensor) and like.device.type == "cuda" and "nccl" in backend:
+        return like.device
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement: one small all-reduce before any data moves
+# ----------------------------------------------------------------------------------------------
+_DEVICE_CODES = {"cpu": 1, "cuda": 2}
+_MSG_BYTES = 480
+
+
+@dataclass
+class _Field:
+    name: str
+    value: float
+    exact: bool = True  # False: compare with a relative tolerance (logit_scale, logit_bias)
+    show: Optional[Sequence[str]] = None  # decode codes for the message
+
+
+def _describe(field: _Field, v: float) -> str:
+    if field.show is not None:
+        k = round(v)
+        return field.show[k] if 0 <= k < len(field.show) else str(k)
+    return f"{v:g}" if not float(v).is_integer() or field.exact is False else str(int(v))
+
+
+def _agree(op: str, group, error: Optional[BaseException], n: int, fields: Sequence[_Field], width: int,
+           like) -> tuple:
+    """All-reduce every rank's (error flag, rows, fields); raise on every rank if any rank is invalid
+    or the ranks disagree.  Returns the per-rank row counts.
+
+    ``width`` (the number of fields) is fixed per op: a rank whose inputs failed its local checks
+    has no fields to send but must still send a table of the same size."""
+    rank, size = _group_rank_and_size(group)
+    dev = _stat_device(group, like)
+    if error is None and len(fields) != width:
+        raise AssertionError(f"{op}: {len(fields)} agreement fields, expected {width}")
+    table = torch.zeros(size, 2 + width, dtype=torch.float64, device=dev)
+    if error is None:
+        table[rank, 1] = n
+        table[rank, 2:] = torch.tensor([f.value for f in fields], dtype=torch.float64)
+    else:
+        table[rank, 0] = 1.0
+    dist.all_reduce(table, group=group)
+    table = table.cpu()
+    bad = [q for q in range(size) if table[q, 0] > 0]
+    if bad:
+        # Every rank saw the same flags, so every rank takes part in this second exchange.
+        msg = torch.zeros(size, _MSG_BYTES, dtype=torch.int32, device=dev)
+        if error is not None:
+            raw = f"{type(error).__name__}: {error}".encode()[:_MSG_BYTES]
+            msg[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32)
+        dist.all_reduce(msg, group=group)
+        msg = msg.cpu()
+        lines = []
+        for q in bad:
+            text = bytes(int(x) for x in msg[q] if x != 0).decode("utf-8", errors="replace")
+            lines.append(f"  rank {q}: {text}")
+        exc = DistributedInputError(
+            f"{op}: invalid inputs on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+            f"of {size}; every rank raises this error and no data was exchanged:\n" + "\n".join(lines))
+        raise exc from error
+    for k, f in enumerate(fields):
+        col = table[:, 2 + k]
+        ref = col[0].item()
+        if f.exact:
+            same = bool((col == ref).all())
+        else:
+            same = bool(((col - ref).abs() <= 1e-6 * max(abs(ref), 1.0)).all())
+        if not same:
+            vals = ", ".join(f"rank {q}: {_describe(f, col[q].item())}" for q in range(size))
+            raise DistributedInputError(
+                f"{op}: {f.name} must be the same on every rank of the group, got {vals}; every rank "
+                "raises this error and no data was exchanged")
+    return tuple(round(c) for c in table[:, 1].tolist())
+
+
+_N_COMMON = 10  # fields from _common_fields
+_N_CLIP_FIELDS = _N_COMMON + 4
+_N_SIGLIP_FIELDS = _N_COMMON + 1
+
+
+def _common_fields(a, b, scale_t, bias_t, has_bias: bool) -> list:
+    grad = torch.is_grad_enabled()
+    dtypes = [str(d).replace("torch.", "") for d in _FLOATS]
+    return [
+        _Field("feature dimension D", a.shape[1]),
+        _Field("dtype", _FLOATS.index(a.dtype), show=dtypes),
+        _Field("device type", _DEVICE_CODES.get(a.device.type, 9), show=["?", "cpu", "cuda"]),
+        _Field("image_features.requires_grad", float(grad and a.requires_grad), show=["False", "True"]),
+        _Field("text_features.requires_grad", float(grad and b.requires_grad), show=["False", "True"]),
+        _Field("logit_scale.requires_grad", float(grad and scale_t.requires_grad), show=["False", "True"]),
+        _Field("logit_bias given", float(has_bias), show=["False", "True"]),
+        _Field("logit_bias.requires_grad", float(grad and bias_t is not None and bias_t.requires_grad),
+               show=["False", "True"]),
+        _Field("logit_scale", float(scale_t.detach()), exact=False),
+        _Field("logit_bias", float(bias_t.detach()) if bias_t is not None else 0.0, exact=False),
+    ]
+
+
+def _check_local_group(a, group, expect) -> None:
+    rank, size = _group_rank_and_size(group)
+    if expect is not None:
+        exp_rank, exp_world = expect
+        if exp_world != size or exp_rank != rank:
+            raise ValueError(f"the loss was built with rank={exp_rank}, world_size={exp_world}, but this "
+                             f"process is rank {rank} of a group of {size}")
+    backend = _backend_name(group)
+    if backend == "nccl" and a.device.type != "cuda":
+        raise ValueError(f"an NCCL process group needs CUDA features, got them on {a.device}")
+    if backend == "gloo" and a.device.type != "cpu":
+        # gloo's reduce (the gradient path) takes CPU tensors only
+        raise ValueError(f"a gloo process group needs CPU features, got them on {a.device}; use NCCL for "
+                         "CUDA tensors (or init_process_group(backend='cpu:gloo,cuda:nccl'))")
+
+
+# ----------------------------------------------------------------------------------------------
+# Moving feature blocks
+# ----------------------------------------------------------------------------------------------
+def _broadcast_block(blocks: list, q: int, x: torch.Tensor, layout: _Layout, group):
+    """Start the broadcast of group rank q's block; returns the Work (the buffer goes into blocks[q])."""
+    if q == layout.rank:
+        buf = x
+    else:
+        buf = torch.empty((layout.counts[q], x.shape[1]), dtype=x.dtype, device=x.device)
+    blocks[q] = buf
+    return dist.broadcast(buf, src=_global(group, q), group=group, async_op=True)
+
+
+def _gather_blocks(x: torch.Tensor, layout: _Layout, group) -> list:
+    """Every rank's block of x (no autograd), own block being x.detach() itself."""
+    x = x.detach().contiguous()
+    blocks = [None] * layout.world
+    works = [_broadcast_block(blocks, q, x, layout, group) for q in range(layout.world)]
+    for w in works:
+        w.wait()
+    return blocks
+
+
+class _Reducer:
+    """Sums per-block gradient shares onto their owners: one async ``reduce`` per block.  At most
+    ``depth`` shares are alive (depth 2: one transferring while the caller computes the next)."""
+
+    def __init__(self, layout: _Layout, group, depth: int = 2):
+        self.layout, self.group, self.depth = layout, group, depth
+        self.pending = []
+        self.own = None
+
+    def add(self, q: int, part: torch.Tensor) -> None:
+        part = part.contiguous()
+        work = dist.reduce(part, dst=_global(self.group, q), group=self.group, async_op=True)
+        self.pending.append((q, part, work))
+        while len(self.pending) >= self.depth:
+            self._retire()
+
+    def _retire(self) -> None:
+        q, part, work = self.pending.pop(0)
+        work.wait()
+        if q == self.layout.rank:
+            self.own = part  # the sum over ranks lands in the owner's buffer
+
+    def finish(self) -> torch.Tensor:
+        while self.pending:
+            self._retire()
+        return self.own
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient onto the owner (torch.distributed.nn's
+    all_gather, as open_clip uses it, but for uneven blocks and any group)."""
+
+    @staticmethod
+    def forward(ctx, x, layout, group):
+        ctx.layout, ctx.group = layout, group
+        return torch.cat(_gather_blocks(x, layout, group), dim=0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        layout = ctx.layout
+        red = _Reducer(layout, ctx.group)
+        for q in range(layout.world):
+            red.add(q, grad[layout.rows(q)].clone())
+        return red.finish(), None, None
+
+
+def _gathered(x, layout, group, *, with_grad: bool, keep_local: bool) -> torch.Tensor:
+    """open_clip's gather_features for one tower (uneven blocks allowed)."""
+    if with_grad:
+        return _GatherWithGrad.apply(x, layout, group)
+    blocks = _gather_blocks(x, layout, group)
+    if keep_local:  # open_clip puts the local features back so that they keep their gradient
+        blocks[layout.rank] = x
+    return torch.cat(blocks, dim=0)
+
+
+def _scalar_allreduce(values: Sequence, group, device) -> list:
+    t = torch.stack([torch.as_tensor(v, dtype=_STAT, device=device).reshape(()) for v in values])
+    dist.all_reduce(t, group=group)
+    return list(t.unbind(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lean CLIP
+# ----------------------------------------------------------------------------------------------
+class DistributedClipLossFunction(torch.autograd.Function):
+    """forward(a [n_r, D], b [n_r, D], scale (0-dim), eps, chunk, engine, layout, group) -> global loss.
+
+    Pass 1 and the statistic exchange run in forward, pass 2 and the gradient reduces in backward
+    (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale_t, eps, chunk, engine, layout, group):
+        P, r, N = layout.world, layout.rank, layout.total
+        acc = _acc_dtype(a)
+        s = float(scale_t)
+        b_own = b.detach().contiguous()
+        blocks = [None] * P
+        works = [_broadcast_block(blocks, q, b_own, layout, group) for q in range(P)]
+        row_lse = None
+        col_part = torch.empty(N, dtype=_STAT, device=a.device)
+        for q in [r] + [q for q in range(P) if q != r]:  # own block first, the others as they arrive
+            if q != r:
+                works[q].wait()
+            rq, cq = engine.lse(a, blocks[q], s, chunk)
+            st = rq.dtype
+            rq = rq.to(_STAT)
+            row_lse = rq if row_lse is None else torch.logaddexp(row_lse, rq)
+            col_part[layout.rows(q)] = cq
+        works[r].wait()  # our own block's broadcast (it only reads b_own)
+        col_max = col_part.clone()
+        dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
+        diag = _rowdot_sum(a, b_own, acc, chunk)
+        parts = [torch.exp(col_part - col_max), row_lse.sum().reshape(1), diag.to(_STAT).reshape(1)]
+        if eps:
+            parts += [a.sum(dim=0, dtype=_STAT), b_own.sum(dim=0, dtype=_STAT)]
+        packed = torch.cat(parts)
+        dist.all_reduce(packed, group=group)
+        col_lse = col_max + packed[:N].log()
+        row_sum, diag_sum = packed[N], packed[N + 1]
+        sa = packed[N + 2:N + 2 + a.shape[1]] if eps else None
+        sb = packed[N + 2 + a.shape[1]:] if eps else None
+        lin_raw = (1.0 - eps) * diag_sum + ((eps / N) * torch.dot(sa, sb) if eps else 0.0)
+        loss = (row_sum + col_lse.sum()) / (2 * N) - s * lin_raw / N
+        others = [blocks[q] for q in range(P) if q != r]
+        ctx.save_for_backward(a, b, scale_t, row_lse.to(st), col_lse.to(st), *others)
+        ctx.extra = (eps, chunk, engine, layout, group, lin_raw, sa, sb)
+        return loss.to(torch.promote_types(a.dtype, torch.float32))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        a, b, scale_t, row_lse, col_lse, *others = ctx.saved_tensors
+        eps, chunk, engine, layout, group, lin_raw, sa, sb = ctx.extra
+        need_a, need_b, need_s = ctx.needs_input_grad[:3]
+        none = (None,) * 8
+        if not (need_a or need_b or need_s):  # the same on every rank: the agreement checked it
+            return none
+        P, r, N = layout.world, layout.rank, layout.total
+        acc = _acc_dtype(a)
+        s = float(scale_t)
+        blocks = list(others)
+        blocks.insert(r, b.detach())
+        shift = math.log(2 * N)  # folds the 1/(2N) of the two means into the exponent
+        r_sh, c_sh = row_lse + shift, col_lse + shift
+        ga = None
+        red = _Reducer(layout, group) if need_b else None
+        for q in range(P):  # the same order on every rank: the reduces must match
+            ga_q, gb_q = engine.softmax_grads(a, blocks[q], s, r_sh, c_sh[layout.rows(q)], chunk,
+                                              need_a or need_s, need_b)
+            if ga_q is not None:
+                ga = ga_q if ga is None else ga.add_(ga_q)
+            if need_b:
+                red.add(q, gb_q)
+        gb = red.finish() if need_b else None
+        ds_local = _rowdot_sum(a, ga, acc, chunk) if need_s else 0.0
+        g_sum, ds = _scalar_allreduce([grad_out, ds_local], group, a.device)
+        g = grad_out.to(acc)
+        coef = (g_sum * s).to(acc)  # sum over ranks of the incoming gradients: see the contract
+        grad_a = grad_b = grad_s = None
+        w = (1.0 - eps) / N
+        if need_s:
+            grad_s = (g * (ds - lin_raw / N).to(acc)).to(scale_t.dtype)
+        if need_a:
+            ga.sub_(b.to(acc), alpha=w)
+            if eps:
+                ga.sub_((sb * (eps / N / N)).to(acc))
+            grad_a = ga.mul_(coef).to(a.dtype)
+        if need_b:
+            gb.sub_(a.to(acc), alpha=w)
+            if eps:
+                gb.sub_((sa * (eps / N / N)).to(acc))
+            grad_b = gb.mul_(coef).to(b.dtype)
+        return (grad_a, grad_b, grad_s) + none[3:]
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip's local_loss: cross-entropy of local rows against all gathered columns
+# ----------------------------------------------------------------------------------------------
+class _RowCrossEntropy(torch.autograd.Function):
+    """mean_i CE(s * a_i @ b.T, label offset + i) with label smoothing; a: [M, D] rows, b: [K, D]."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale_t, offset, eps, chunk, engine):
+        M, K = a.shape[0], b.shape[0]
+        acc = _acc_dtype(a)
+        s = float(scale_t)
+        row_lse, _ = engine.lse(a, b, s, chunk)
+        target = b[offset:offset + M]
+        lin_raw = (1.0 - eps) * _rowdot_sum(a, target, acc, chunk).to(_STAT)
+        sa = sb = None
+        if eps:
+            sa, sb = a.sum(dim=0, dtype=_STAT), b.sum(dim=0, dtype=_STAT)
+            lin_raw = lin_raw + (eps / K) * torch.dot(sa, sb)
+        loss = (row_lse.to(_STAT).sum() - s * lin_raw) / M
+        ctx.save_for_backward(a, b, scale_t, row_lse)
+        ctx.extra = (offset, eps, chunk, engine, lin_raw, sa, sb)
+        return loss.to(torch.promote_types(a.dtype, torch.float32))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        a, b, scale_t, row_lse = ctx.saved_tensors
+        offset, eps, chunk, engine, lin_raw, sa, sb = ctx.extra
+        need_a, need_b, need_s = ctx.needs_input_grad[:3]
+        none = (None,) * 7
+        if not (need_a or need_b or need_s):
+            return none
+        M, K = a.shape[0], b.shape[0]
+        acc = _acc_dtype(a)
+        s = float(scale_t)
+        g = grad_out.to(acc)
+        no_col = torch.full((K,), _NO_COLUMN_TERM, dtype=row_lse.dtype, device=a.device)
+        ga, gb = engine.softmax_grads(a, b, s, row_lse + math.log(M), no_col, chunk, need_a or need_s, need_b)
+        grad_a = grad_b = grad_s = None
+        w = (1.0 - eps) / M
+        if need_s:
+            grad_s = (g * (_rowdot_sum(a, ga, acc, chunk) - (lin_raw / M).to(acc))).to(scale_t.dtype)
+        if need_a:
+            ga.sub_(b[offset:offset + M].to(acc), alpha=w)
+            if eps:
+                ga.sub_((sb * (eps / (M * K))).to(acc))
+            grad_a = ga.mul_(g * s).to(a.dtype)
+        if need_b:
+            gb[offset:offset + M].sub_(a.to(acc), alpha=w)
+            if eps:
+                gb.sub_((sa * (eps / (M * K))).to(acc))
+            grad_b = gb.mul_(g * s).to(b.dtype)
+        return (grad_a, grad_b, grad_s) + none[3:]
+
+
+def _row_ce_reference(a, b, scale_t, bias_t, offset, eps):
+    logits = scale_t.to(a.dtype) * a @ b.T
+    if bias_t is not None:
+        logits = logits + bias_t.to(a.dtype)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    return F.cross_entropy(logits, labels, label_smoothing=eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lean SigLIP
+# ----------------------------------------------------------------------------------------------
+class DistributedSigLipLossFunction(torch.autograd.Function):
+    """forward(a, b, scale (0-dim), bias (0-dim), chunk, engine, layout, group) -> global loss.
+
+    One sweep in forward yields the loss and the gradients; text-gradient shares are reduced to
+    their owners during the sweep.  Backward only scales (plus one scalar all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale_t, bias_t, chunk, engine, layout, group):
+        P, r, N = layout.world, layout.rank, layout.total
+        acc = _acc_dtype(a)
+        s, c = float(scale_t), float(bias_t)
+        needs = ctx.needs_input_grad[:4]
+        need = any(needs)
+        b_own = b.detach().contiguous()
+        blocks, works = [None] * P, [None] * P
+
+        def start(q):
+            if q < P:
+                works[q] = _broadcast_block(blocks, q, b_own, layout, group)
+
+        start(0)
+        start(1)
+        total = torch.zeros((), dtype=_STAT, device=a.device)
+        sig_sum = torch.zeros((), dtype=_STAT, device=a.device)
+        ga = None
+        red = _Reducer(layout, group) if needs[1] else None
+        for q in range(P):  # the same order on every rank: broadcasts and reduces must match
+            if q != r:
+                works[q].wait()
+            start(q + 2)  # keep up to two blocks in flight ahead of the one being swept
+            t_q, ga_q, gb_q, sig_q = engine.sweep(a, blocks[q], s, c, chunk, need)
+            if q == r:
+                works[q].wait()  # our own block's broadcast (it only reads b_own)
+            blocks[q] = works[q] = None  # not kept: SigLIP's gradients are complete after the sweep
+            total += t_q.to(_STAT)
+            if need:
+                sig_sum += sig_q.to(_STAT)
+                ga = ga_q if ga is None else ga.add_(ga_q)
+                if needs[1]:
+                    red.add(q, gb_q)
+        gb = red.finish() if needs[1] else None
+        diag = _rowdot_sum(a, b_own, acc, chunk)
+        ds_local = _rowdot_sum(a, ga, acc, chunk) if needs[2] else 0.0
+        total, diag, sig_sum, ds = _scalar_allreduce([total, diag, sig_sum, ds_local], group, a.device)
+        loss = (total - s * diag - N * c) / N
+        if need:
+            grads = [None] * 4
+            if needs[0]:
+                grads[0] = ga.sub_(b_own.to(acc)).mul_(s / N)
+            if needs[1]:
+                grads[1] = gb.sub_(a.to(acc)).mul_(s / N)
+            if needs[2]:
+                grads[2] = ((ds - diag) / N).to(scale_t.dtype)
+            if needs[3]:
+                grads[3] = ((sig_sum - N) / N).to(bias_t.dtype)
+            ctx.grads = grads
+            ctx.meta = (a.dtype, b.dtype, group)
+        return loss.to(torch.promote_types(a.dtype, torch.float32))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        a_dtype, b_dtype, group = ctx.meta
+        ga, gb, gs, gc = ctx.grads
+        out = [None] * 4
+        if ga is not None or gb is not None:  # the same on every rank: the agreement checked it
+            (g_sum,) = _scalar_allreduce([grad_out], group, grad_out.device)
+            if ga is not None:
+                out[0] = (ga * g_sum.to(ga.dtype)).to(a_dtype)
+            if gb is not None:
+                out[1] = (gb * g_sum.to(gb.dtype)).to(b_dtype)
+        # out of place: the stored gradients must survive a second backward (retain_graph=True)
+        if gs is not None:
+            out[2] = gs * grad_out.to(gs.dtype)
+        if gc is not None:
+            out[3] = gc * grad_out.to(gc.dtype)
+        return (*out, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def _select(op: str, backend, a, engines: dict):
+    """The engine of the chosen backend, or None for the reference twin."""
+    chosen = dispatch.select(op, backend, device=a.device, dtype=a.dtype, auto_skip=_auto_skip(a.device))
+    return engines.get(chosen.name)
+
+
+def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                          logit_bias=None, *, group=None, mode: str = "lean", gather_with_grad: bool = False,
+                          backend: str = "auto", chunk_size: Optional[int] = None,
+                          label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) loss of the global batch spread over the ranks of ``group``.
+
+    Every rank of the group must call it (with its own local pairs) and, when gradients are
+    needed, call backward.  See the module docstring for the algorithm, its communication and
+    memory, and the gradient contract under DistributedDataParallel.
+
+    Args:
+        image_features, text_features: this rank's [n_r, D] pairs (n_r may differ between ranks;
+            D, dtype and device type may not).
+        logit_scale: already-exponentiated temperature, float or one-element tensor, the same on
+            every rank.
+        logit_bias: optional; the loss is invariant to it (gradient zero), as in ``clip_loss``.
+        group: the process group (None: the default group).
+        mode: "lean" (default): the exact global loss with O(N) statistics exchanged and text
+            gradients reduced to their owners; every rank returns the global loss.
+            "gather" / "local": open_clip's ClipLoss with local_loss=False / True, computed
+            without materialised logits (same per-rank values and gradients as open_clip).
+        gather_with_grad: open_clip's flag for "gather" / "local" (lean always carries the
+            gradients of remote features home; the flag must stay False there).
+        backend: "auto", "triton", "chunked" or "reference" (materialised logits, the oracle).
+        chunk_size: tile edge of the chunked backend.
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, on both directions.
+
+    Returns:
+        0-dim tensor (float32 for low-precision inputs).
+
+    Raises:
+        DistributedInputError: on every rank, when any rank's inputs are invalid or the ranks
+            disagree (shapes, dtype, logit_scale, requires_grad, mode, ...), before any data moves.
+    """
+    return _distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, group=group, mode=mode,
+                                  gather_with_grad=gather_with_grad, backend=backend, chunk_size=chunk_size,
+                                  label_smoothing=label_smoothing)
+
+
+def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mode="lean", gather_with_grad=False,
+                           backend="auto", chunk_size=None, label_smoothing=0.0, expect=None):
+    rank, size = _group_rank_and_size(group)
+    if size == 1 and expect is None:
+        return clip_loss(a, b, logit_scale, logit_bias, backend=backend, chunk_size=chunk_size,
+                         label_smoothing=label_smoothing)
+    error, fields, n = None, [], 0
+    try:
+        check_features(a, b)
+        chunk = check_chunk_size(chunk_size)
+        eps = check_label_smoothing(label_smoothing)
+        if mode not in CLIP_MODES:
+            raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
+        if not isinstance(gather_with_grad, bool):
+            raise TypeError(f"gather_with_grad must be a bool, got {type(gather_with_grad).__name__}")
+        if mode == "lean" and gather_with_grad:
+            raise ValueError("gather_with_grad applies to mode='gather' or 'local'; mode='lean' always "
+                             "returns the gradients of remote features to their ranks")
+        _check_local_group(a, group, expect)
+        scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
+        bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=False)
+        engine = _select("clip_loss", backend, a, _CLIP_ENGINES)
+        n = a.shape[0]
+        fields = _common_fields(a, b, scale_t, bias_t, logit_bias is not None) + [
+            _Field("mode", CLIP_MODES.index(mode), show=CLIP_MODES),
+            _Field("gather_with_grad", float(gather_with_grad), show=["False", "True"]),
+            _Field("label_smoothing", eps),
+            _Field("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
+        ]
+    except Exception as exc:  # reported to every rank by _agree
+        error = exc
+    counts = _agree("distributed_clip_loss", group, error, n, fields, _N_CLIP_FIELDS, a)
+    layout = _Layout(rank, counts)
+    chunk = chunk or default_chunk_size(a.device)
+    if mode == "lean":
+        if engine is None:  # the reference twin: autograd gathers + materialised logits
+            aa = _GatherWithGrad.apply(a, layout, group)
+            bb = _GatherWithGrad.apply(b, layout, group)
+            return clip_loss_reference(aa, bb, scale_t.to(a.dtype), None if bias_t is None else bias_t.to(a.dtype),
+                                       eps)
+        loss = DistributedClipLossFunction.apply(a, b, scale_t, eps, chunk, engine, layout, group)
+    else:
+        keep = mode == "gather"
+        aa = _gathered(a, layout, group, with_grad=gather_with_grad, keep_local=keep)
+        bb = _gathered(b, layout, group, with_grad=gather_with_grad, keep_local=keep)
+        if mode == "gather":
+            if engine is None:
+                return clip_loss_reference(aa, bb, scale_t.to(a.dtype),
+                                           None if bias_t is None else bias_t.to(a.dtype), eps)
+            loss = ClipLossFunction.apply(aa, bb, scale_t, eps, chunk, engine)
+        else:
+            off = layout.offset(rank)
+            if engine is None:
+                return (_row_ce_reference(a, bb, scale_t, bias_t, off, eps)
+                        + _row_ce_reference(b, aa, scale_t, bias_t, off, eps)) / 2
+            loss = (_RowCrossEntropy.apply(a, bb, scale_t, off, eps, chunk, engine)
+                    + _RowCrossEntropy.apply(b, aa, scale_t, off, eps, chunk, engine)) / 2
+    if bias_t is not None and bias_t.requires_grad:
+        loss = loss + 0.0 * bias_t  # cross-entropy is shift-invariant: d loss / d bias = 0
+    return loss
+
+
+def distributed_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
+                            group=None, backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Sigmoid (SigLIP) loss of the global batch spread over the ranks of ``group``.
+
+    The result of open_clip's neighbour-exchange SigLipLoss (any ``dist_impl``) on the concatenated
+    batch: every rank returns the global loss, -sum_ij log sigmoid(y_ij z_ij) / N over all N x N
+    pairs, and the gradient contract is lean CLIP's (module docstring): after DDP's average every
+    parameter gradient, logit_scale's and logit_bias's included, equals the single-process one.
+    (open_clip's per-rank value is this rank's share, normalised by the local batch; the mean of
+    those over ranks equals this value for even batches, and the DDP gradients are identical.)
+
+    Args:
+        image_features, text_features: this rank's [n_r, D] pairs (n_r may differ between ranks).
+        logit_scale, logit_bias: floats or one-element tensors, the same on every rank.
+        group: the process group (None: the default group).
+        backend: "auto", "triton", "chunked" or "reference" (materialised logits, the oracle).
+        chunk_size: tile edge of the chunked backend.
+
+    Raises:
+        DistributedInputError: on every rank, before any data moves, as for distributed_clip_loss.
+    """
+    return _distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias, group=group,
+                                    backend=backend, chunk_size=chunk_size)
+
+
+def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backend="auto", chunk_size=None,
+                             expect=None):
+    rank, size = _group_rank_and_size(group)
+    if size == 1 and expect is None:
+        return siglip_loss(a, b, logit_scale, logit_bias, backend=backend, chunk_size=chunk_size)
+    error, fields, n = None, [], 0
+    try:
+        check_features(a, b)
+        chunk = check_chunk_size(chunk_size)
+        _check_local_group(a, group, expect)
+        scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
+        bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=True)
+        engine = _select("siglip_loss", backend, a, _SIGLIP_ENGINES)
+        n = a.shape[0]
+        fields = _common_fields(a, b, scale_t, bias_t, True) + [
+            _Field("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
+        ]
+    except Exception as exc:  # reported to every rank by _agree
+        error = exc
+    counts = _agree("distributed_siglip_loss", group, error, n, fields, _N_SIGLIP_FIELDS, a)
+    layout = _Layout(rank, counts)
+    if engine is None:
+        aa = _GatherWithGrad.apply(a, layout, group)
+        bb = _GatherWithGrad.apply(b, layout, group)
+        return siglip_loss_reference(aa, bb, scale_t.to(a.dtype), bias_t.to(a.dtype))
+    return DistributedSigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine,
+                                               layout, group)
