@@ -1,9 +1,9 @@
 """Triton kernels of the CLIP (InfoNCE) loss: the ``triton`` engine of ``fastclip.ops.clip_loss``.
 
 Imported lazily by ``clip_loss._TritonEngine`` (importing fastclip never imports Triton).  The two
-launchers have exactly the contracts of ``chunked_lse`` and ``chunked_softmax_grads``:
+launchers have the contracts of ``chunked_lse`` and ``chunked_softmax_grads``:
 
-    clip_lse(a, b, scale)                                   -> (row_lse [M], col_lse [K])   fp32
+    clip_lse(a, b, scale)                                   -> (row_lse [M], col_lse [K])  fp64
     clip_softmax_grads(a, b, scale, row_lse, col_lse, ...)  -> (P @ b [M, D], P.T @ a [K, D]) fp32
         z = scale * a @ b.T,   P_ij = exp(z_ij - row_lse_i) + exp(z_ij - col_lse_j)
 
@@ -14,16 +14,18 @@ K-loop over D in BLOCK_D chunks (masked, so D = 257 works) with fp32 accumulatio
 Design
 ------
 K1 ``_clip_lse_kernel`` (forward, 2*M*K*D FLOPs).  A fixed number P of persistent programs
-   (P = min(#row blocks, 2 x SM count) on a GPU, at most 2 under the interpreter) take row blocks
-   pid, pid + P, ...; each sweeps all column blocks.  Row statistics are an online (max, sum) in
-   registers, stored once per row block.  Column statistics go to a private row ``pid`` of two
-   [P, K] fp32 buffers (running max, running sum) that the program read-modify-writes; no other
-   program touches that row, so there are no atomics and the result is deterministic.  Torch
-   merges the P partial rows at the end (O(P*K) work).  Everything runs in base 2 (z is
-   multiplied by scale*log2(e) once, exp2/log2 are the hardware instructions).
+   (P = min(#row blocks, SM count) on a GPU, at most 2 under the interpreter) take row blocks
+   pid, pid + P, ...; each sweeps all column blocks.  Row statistics are an online (max, sum of
+   exp(z - max)) in registers, stored once per row block.  Column statistics go to a private row
+   ``pid`` of two [P, K] fp32 buffers (running max, running sum) that the program
+   read-modify-writes; no other program touches that row, so there are no atomics and the result
+   is deterministic.  Torch merges the P partial rows and forms lse = max + log(sum) in fp64
+   (O(P*K) work).
 K2/K3 ``_softmax_grad_kernel`` (backward, 2 x 4*M*K*D FLOPs).  P is symmetric under swapping
    (a, row_lse) <-> (b, col_lse), so one kernel computes out = P(x, y) @ y over row blocks of x:
-   launched with (a, b) it gives ga (K2), with (b, a) it gives gb (K3).  Each program owns its
+   launched with (a, b) it gives ga (K2), with (b, a) it gives gb (K3; it still computes its tile
+   as a_blk @ b_blk.T, like K1, and transposes P, so that the recomputed logits round exactly as
+   those behind the statistics, see the kernel's docstring).  Each program owns its
    output rows, so no atomics are needed.  Per column block it recomputes the z tile, forms P in
    registers (cast to the input dtype for the tensor cores on GPU, as the chunked backend does),
    and adds P @ y_j to its output rows.  The output width D is handled in BLOCK_DO chunks:
@@ -38,18 +40,39 @@ K2/K3 ``_softmax_grad_kernel`` (backward, 2 x 4*M*K*D FLOPs).  P is symmetric un
    The recompute is done by both K2 and K3, so the backward executes 8*M*K*D FLOPs for the
    6*M*K*D the algorithm needs (the price of owning outputs without atomics).
 
-Memory per call: inputs + fp32 outputs (O((M+K)*D)), K1's partials 2*P*K fp32 (P <= 2 x SMs, a
-constant independent of N) and O(M + K) statistics.  Nothing of size M x K is allocated.
+FLOPs per call: clip_lse 2*M*K*D; clip_softmax_grads 4*M*K*D per requested output (8*M*K*D for
+both); a fwd+bwd CLIP step runs 10*M*K*D for the 8*M*K*D of the algorithm.
+Memory per call: inputs + fp32 outputs (O((M+K)*D)), K1's partials 2*P*K fp32 (P <= SM count,
+a constant independent of N) and O(M + K) statistics.  Nothing of size M x K is allocated.
 
-Numerics: fp32 accumulation everywhere; under the interpreter every load is cast to fp32 right
-away (numpy has no bf16 arithmetic); on GPU fp16/bf16 operands go to tl.dot unconverted (fp32
-accumulate) and fp32 operands use ``tf32x3`` (about fp32 accuracy; plain tf32 would put a ~1e-3
-relative error on logits that logit_scale = 100 amplifies).  With fp16 inputs the P tile is cast
+Numerics: fp32 accumulation everywhere; under the interpreter every load of a/b is cast to fp32
+right away (numpy has no bf16 arithmetic); on GPU fp16/bf16 operands go to tl.dot unconverted
+(fp32 accumulate) and fp32 operands use ``tf32x3`` (about fp32 accuracy; plain tf32 would put a
+~1e-3 relative error on logits that logit_scale = 100 amplifies).  Statistics follow the chunked
+engine: maxima are exact fp32 logits and z - max is exact near the max (Sterbenz), lse is
+assembled in fp64, and the backward applies an fp64 lse as an fp32 (hi, lo) pair, so the only
+rounding left on a probability is that of the logit itself.  With fp16 inputs the P tile is cast
 to fp16 before the second product; for very large N its entries (<= 1/N after the caller's shift)
 fall into the fp16 subnormal range, exactly as in the chunked backend; use bf16 for large N.
+
+Tuning (no GPU was available when this was written; the configs in ``default_config`` were
+compiled ahead of time for sm_90 but never timed).  Target: fwd+bwd at N = 65536, D = 768, bf16 at
+>= 55% of the dense bf16 matmul rate counted on 8*N^2*D FLOPs.  Since this engine executes
+10*N^2*D, that needs ~69% on the FLOPs actually run.  What to measure and try, in order:
+  1. block sizes / num_warps / num_stages per kernel (a short autotune list keyed on (D, dtype));
+     K1 sits at 255 registers with 128 x 128 tiles, the gradient kernels at ~200.
+  2. K2/K3 at D = 768 read-modify-write 8*BLOCK_M*D bytes of fp32 output per tile (2/BLOCK_N
+     bytes/FLOP: ~4 TB/s of L2 traffic at 500 TFLOP/s for BLOCK_N = 256): if L2-bound, group row
+     blocks (the grid order) so concurrent programs share y tiles, or hold P for two column blocks
+     before touching the output.
+  3. the recompute: one fused backward over column blocks that owns gb and adds P @ b into ga
+     with fp32 atomics (FlashAttention-2's dQ) saves 2*N^2*D (10 -> 8) at the cost of determinism.
+  4. Hopper: TMA descriptors (tl.make_tensor_descriptor) and warp specialisation, so the exp2 work
+     of one tile overlaps the wgmma of the next.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -59,10 +82,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["clip_lse", "clip_softmax_grads", "LaunchConfig"]
+__all__ = ["LaunchConfig", "clip_lse", "clip_softmax_grads"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -74,6 +95,7 @@ def _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_xm, str
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """x[offs_m] @ y[offs_n].T as a [BLOCK_M, BLOCK_N] fp32 tile (masked rows/cols/D read as 0)."""
+    # int64 offsets: N * D (or D * stride for column-major inputs) may exceed 2**31.
     offs_d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     y_cols = y_ptr + offs_n[None, :].to(tl.int64) * stride_ym
@@ -81,8 +103,10 @@ def _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_xm, str
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         mask_d = dd < D
-        x = tl.load(x_rows + dd[None, :] * stride_xd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        yt = tl.load(y_cols + dd[:, None] * stride_yd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(x_rows + dd[None, :].to(tl.int64) * stride_xd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        yt = tl.load(y_cols + dd[:, None].to(tl.int64) * stride_yd,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             yt = yt.to(tl.float32)
@@ -104,7 +128,8 @@ def _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
     offs_d = tl.arange(0, BLOCK_DO)
     y_rows = y_ptr + offs_n[:, None].to(tl.int64) * stride_ym
     if ACC_IN_REGS:
-        y = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
+        y = tl.load(y_rows + offs_d[None, :].to(tl.int64) * stride_yd,
+                    mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
         if UPCAST:
             y = y.to(tl.float32)
         acc = tl.dot(p, y, acc, input_precision=DOT_PRECISION)
@@ -113,7 +138,8 @@ def _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
         for d0 in range(0, D, BLOCK_DO):
             dd = d0 + offs_d
             mask_d = dd < D
-            y = tl.load(y_rows + dd[None, :] * stride_yd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            y = tl.load(y_rows + dd[None, :].to(tl.int64) * stride_yd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 y = y.to(tl.float32)
             o_ptrs = o_rows + dd[None, :] * stride_od
@@ -137,15 +163,16 @@ def _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO: 
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _clip_lse_kernel(a_ptr, b_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr,
+def _clip_lse_kernel(a_ptr, b_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
                      M, K, D, stride_am, stride_ad, stride_bm, stride_bd, stride_part,
-                     scale_log2,
+                     scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """K1: row log-sum-exp of z = scale * a @ b.T, and per-program column (max, sum) partials.
+    """K1: per row of z = scale * a @ b.T its max and sum exp(z - max); per program column partials.
 
     Program pid handles row blocks pid, pid + P, ... (P = number of programs) and owns row pid of
-    the [P, K] partial buffers (base-2 running max and the sum of exp2(z2 - max)).
+    the [P, K] column partials (running max, sum of exp(z - max)).  Maxima are exact fp32 logits,
+    so the host forms lse = max + log(sum) in fp64 (see ``clip_lse``).
     """
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -158,60 +185,83 @@ def _clip_lse_kernel(a_ptr, b_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr,
         mask_m = offs_m < M
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for cb in range(0, num_col_blocks):
+        for cb in range(num_col_blocks):
             offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < K
             z = _logits_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D,
                              stride_am, stride_ad, stride_bm, stride_bd,
-                             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale_log2
+                             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+            # z - max is exact near the max (Sterbenz); only then is it scaled to base 2 for exp2.
             # Rows: every block has >= 1 valid column, so m_new is finite and exp2(-inf) = 0.
             zr = tl.where(mask_n[None, :], z, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zr, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(zr - m_new[:, None]), axis=1)
+            l_i = (l_i * tl.exp2((m_i - m_new) * 1.4426950408889634)
+                   + tl.sum(tl.exp2((zr - m_new[:, None]) * 1.4426950408889634), axis=1))
             m_i = m_new
             # Columns: merge this tile's (max, sum) into the program's private partial row.
             zc = tl.where(mask_m[:, None], z, float("-inf"))
             t_max = tl.max(zc, axis=0)
-            t_sum = tl.sum(tl.exp2(zc - t_max[None, :]), axis=0)
+            t_sum = tl.sum(tl.exp2((zc - t_max[None, :]) * 1.4426950408889634), axis=0)
             p_max = tl.load(part_max + offs_n, mask=mask_n, other=0.0)
             p_sum = tl.load(part_sum + offs_n, mask=mask_n, other=0.0)
             n_max = tl.maximum(p_max, t_max)
-            n_sum = p_sum * tl.exp2(p_max - n_max) + t_sum * tl.exp2(t_max - n_max)
+            n_sum = (p_sum * tl.exp2((p_max - n_max) * 1.4426950408889634)
+                     + t_sum * tl.exp2((t_max - n_max) * 1.4426950408889634))
             tl.store(part_max + offs_n, n_max, mask=mask_n)
             tl.store(part_sum + offs_n, n_sum, mask=mask_n)
-        tl.store(row_lse_ptr + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+        tl.store(row_max_ptr + offs_m, m_i, mask=mask_m)
+        tl.store(row_sum_ptr + offs_m, l_i, mask=mask_m)
         # Row pid of the partials is re-read in the next row block, possibly by other threads.
         tl.debug_barrier()
 
 
 @triton.jit
-def _softmax_grad_kernel(x_ptr, y_ptr, lse_x_ptr, lse_y_ptr, out_ptr,
+def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, out_ptr,
                          M, K, D, stride_xm, stride_xd, stride_ym, stride_yd, stride_om, stride_od,
-                         scale_log2,
+                         scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DO: tl.constexpr, ACC_IN_REGS: tl.constexpr,
+                         BLOCK_DO: tl.constexpr, ACC_IN_REGS: tl.constexpr, TRANSPOSED: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """K2/K3: out[rows of this program] = P @ y, P_ij = exp(z_ij - lse_x_i) + exp(z_ij - lse_y_j).
 
-    z = scale * x @ y.T.  (x, y, lse_x, lse_y) = (a, b, row, col) gives P @ b; the swap gives P.T @ a.
+    z = scale * x @ y.T.  (x, y, lse_x, lse_y) = (a, b, row, col) gives P @ b (K2); the swap gives
+    P.T @ a (K3, TRANSPOSED).  K3 still computes its tile as a_blk @ b_blk.T, exactly as K1 did,
+    and transposes P: z.T computed as b @ a.T would round differently from the z behind col_lse,
+    and at large logits that inconsistency shows up in the (cancelling) gradient P.T @ a - a / N.
+    Each statistic comes as an fp32 (hi, lo) pair, lse = hi + lo: z - hi is exact where it matters
+    (Sterbenz), so an fp64 statistic loses nothing (zeros for lo when the caller passed fp32).
     """
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    lx = tl.load(lse_x_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32) * 1.4426950408889634
+    hx = tl.load(hi_x_ptr + offs_m, mask=mask_m, other=0.0)
+    lx = tl.load(lo_x_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     num_col_blocks = tl.cdiv(K, BLOCK_N)
-    for cb in range(0, num_col_blocks):
+    for cb in range(num_col_blocks):
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < K
-        z = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
-                         stride_xm, stride_xd, stride_ym, stride_yd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale_log2
-        ly = tl.load(lse_y_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) * 1.4426950408889634
-        p = tl.exp2(z - lx[:, None]) + tl.exp2(z - ly[None, :])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        if not UPCAST:
-            p = p.to(y_ptr.dtype.element_ty)  # tensor-core operand, as the chunked backend does
+        hy = tl.load(hi_y_ptr + offs_n, mask=mask_n, other=0.0)
+        ly = tl.load(lo_y_ptr + offs_n, mask=mask_n, other=0.0)
+        if TRANSPOSED:
+            zt = _logits_tile(y_ptr, x_ptr, offs_n, offs_m, mask_n, mask_m, D,
+                              stride_ym, stride_yd, stride_xm, stride_xd,
+                              BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+            pt = (tl.exp2(((zt - hy[:, None]) - ly[:, None]) * 1.4426950408889634)
+                  + tl.exp2(((zt - hx[None, :]) - lx[None, :]) * 1.4426950408889634))
+            pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
+            if not UPCAST:
+                pt = pt.to(y_ptr.dtype.element_ty)  # tensor-core operand, as the chunked backend does
+            p = tl.trans(pt)
+        else:
+            z = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+                             stride_xm, stride_xd, stride_ym, stride_yd,
+                             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
+            p = (tl.exp2(((z - hx[:, None]) - lx[:, None]) * 1.4426950408889634)
+                 + tl.exp2(((z - hy[None, :]) - ly[None, :]) * 1.4426950408889634))
+            p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+            if not UPCAST:
+                p = p.to(y_ptr.dtype.element_ty)
         acc = _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
                              stride_ym, stride_yd, stride_om, stride_od,
                              BLOCK_DO, ACC_IN_REGS, UPCAST, DOT_PRECISION)
@@ -222,6 +272,8 @@ def _softmax_grad_kernel(x_ptr, y_ptr, lse_x_ptr, lse_y_ptr, out_ptr,
 # ----------------------------------------------------------------------------------------------
 # Host side: launch configuration
 # ----------------------------------------------------------------------------------------------
+# @triton.jit decides at decoration time (TRITON_INTERPRET when this module was imported); ask it
+# rather than the environment, which may have changed since.
 INTERPRET = type(_clip_lse_kernel).__name__ == "InterpretedFunction"
 
 
@@ -248,23 +300,39 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
 
 
 def default_config(kind: str, M: int, K: int, D: int, dtype: torch.dtype) -> LaunchConfig:
-    """kind: "lse" or "grad" (the SigLIP kernel uses "grad").
+    """Launch configuration for kind "lse" (K1), "grad" (K2/K3) or "siglip".
 
     Interpreter: one large-block config (each tile costs a few numpy calls, so few big tiles are
-    fastest).  GPU: no autotuning (do_bench needs a GPU at import of the tuner, and the batch size
-    would be a poor key); 128 x 128 x 64 tiles for the logits, 8 warps.  See the module notes.
+    fastest).  GPU: fixed configs, no autotuning (it needs a GPU at tuning time and the batch size
+    would be a poor key).  They were compiled ahead of time for sm_90 (wgmma + cp.async pipelining,
+    shared memory <= 112 KB, no register spills beyond a few bytes) but never timed: see "Tuning"
+    in the module docstring.  "lse" and "grad" keep the same block_d per dtype so that K1 and
+    K2/K3 sum each logit in the same order (the statistics then match the recomputed tiles).
     """
     if INTERPRET:
         bmn = _pow2_clamp(max(M, K), 16, 64)
         bd = _pow2_clamp(D, 16, 256)
         return LaunchConfig(bmn, bmn, bd, bd, max_programs=2)
-    small = dtype == torch.float32  # fp32 operands take twice the shared memory per element
+    lowp = dtype != torch.float32  # fp32 tiles take twice the shared memory and registers
     if kind == "lse":
-        return LaunchConfig(128, 128, 32 if small else 64, 0, num_warps=8, num_stages=3)
-    return LaunchConfig(128, 64, 32 if small else 64, 128, num_warps=8, num_stages=2)
+        return LaunchConfig(128, 128, 64, 0, 8, 2) if lowp else LaunchConfig(128, 128, 32, 0, 8, 3)
+    if not lowp:
+        return LaunchConfig(128, 64, 32, 64, 8, 3)
+    if D <= 128:  # register accumulator
+        return LaunchConfig(128, 64, 64, 64 if D <= 64 else 128, 8, 2)
+    # Global read-modify-write of the output: its traffic is 2/BLOCK_N bytes per FLOP, so the
+    # column block is as wide as registers allow (SigLIP's softplus temporaries spill at 64 x 256).
+    if kind == "grad":
+        return LaunchConfig(64, 256, 64, 64, 8, 2)
+    return LaunchConfig(128, 128, 64, 64, 8, 2)
 
 
-@functools.lru_cache(maxsize=None)
+# K1's default config uses ~255 registers x 256 threads, so one program fits per SM: more persistent
+# programs than SMs would only add [P, K] partial rows.  Raise it with a smaller config.
+_PROGRAMS_PER_SM = 1
+
+
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -273,7 +341,8 @@ def _num_persistent(n_row_blocks: int, device: torch.device, cfg: LaunchConfig) 
     if cfg.max_programs:
         cap = cfg.max_programs
     elif device.type == "cuda":
-        cap = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _PROGRAMS_PER_SM * _sm_count(index)
     else:
         cap = 2
     return max(1, min(n_row_blocks, cap))
@@ -285,10 +354,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-    return contextlib.nullcontext()
+    # Triton launches on the current CUDA device; make it the tensors' device.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> None:
@@ -296,9 +363,11 @@ def check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> None:
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"{fn}: a and b must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{fn}: a and b must have the same feature dim D, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"{fn}: a and b must have the same feature dim D, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype or a.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: a and b must share a dtype among float32/float16/bfloat16, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"{fn}: a and b must share a dtype among float32/float16/bfloat16, "
+                        f"got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{fn}: a and b must be on the same device, got {a.device} and {b.device}")
     if a.device.type == "cpu" and not INTERPRET:
@@ -307,9 +376,17 @@ def check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> None:
 
 
 def _check_vec(v: torch.Tensor, n: int, name: str, fn: str, like: torch.Tensor) -> None:
-    if v.shape != (n,) or v.dtype != torch.float32 or v.device != like.device:
-        raise ValueError(f"{fn}: {name} must be a float32 [{n}] tensor on {like.device}, "
+    if v.shape != (n,) or v.dtype not in (torch.float32, torch.float64) or v.device != like.device:
+        raise ValueError(f"{fn}: {name} must be a float32 or float64 [{n}] tensor on {like.device}, "
                          f"got {v.dtype} {tuple(v.shape)} on {v.device}")
+
+
+def _hi_lo(stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp64 (or fp32) statistic as fp32 hi + lo with hi + lo == stat to ~fp64 precision."""
+    hi = stat.to(torch.float32).contiguous()
+    if stat.dtype == torch.float32:
+        return hi, torch.zeros_like(hi)
+    return hi, (stat - hi.to(stat.dtype)).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,36 +397,43 @@ def clip_lse(a: torch.Tensor, b: torch.Tensor, scale: float, *,
     """Row and column log-sum-exp of z = scale * a @ b.T (the contract of ``chunked_lse``).
 
     a: [M, D], b: [K, D] (M may differ from K), fp32/fp16/bf16, any strides.
-    Returns (row_lse [M], col_lse [K]) in fp32; col_lse covers only the M rows given.
+    Returns (row_lse [M], col_lse [K]) in fp64, as ``chunked_lse``: the kernel gives each row's
+    (and column's) exact fp32 max logit and fp32 sum of exp(z - max), and lse = max + log(sum) is
+    formed here in fp64 (O(M + K) work), so the statistic adds no rounding of its own.
+    col_lse covers only the M rows given.
     """
     check_pair(a, b, "clip_lse")
     M, D = a.shape
     K = b.shape[0]
     dev = a.device
+    f32, f64 = torch.float32, torch.float64
     if M == 0 or K == 0:
-        return (torch.full((M,), -math.inf, device=dev, dtype=torch.float32),
-                torch.full((K,), -math.inf, device=dev, dtype=torch.float32))
+        return (torch.full((M,), -math.inf, device=dev, dtype=f64),
+                torch.full((K,), -math.inf, device=dev, dtype=f64))
     cfg = config or default_config("lse", M, K, D, a.dtype)
     n_prog = _num_persistent(triton.cdiv(M, cfg.block_m), dev, cfg)
-    row_lse = torch.empty(M, device=dev, dtype=torch.float32)
-    col_max = torch.full((n_prog, K), -math.inf, device=dev, dtype=torch.float32)
-    col_sum = torch.zeros((n_prog, K), device=dev, dtype=torch.float32)
+    row_max = torch.empty(M, device=dev, dtype=f32)
+    row_sum = torch.empty(M, device=dev, dtype=f32)
+    col_max = torch.full((n_prog, K), -math.inf, device=dev, dtype=f32)
+    col_sum = torch.zeros((n_prog, K), device=dev, dtype=f32)
     with _device_ctx(a):
         _clip_lse_kernel[(n_prog,)](
-            a, b, row_lse, col_max, col_sum,
+            a, b, row_max, row_sum, col_max, col_sum,
             M, K, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1), col_max.stride(0),
-            float(scale) * _LOG2E,
+            float(scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
             UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # Merge the P partial rows (base 2): every program swept every column, so each max is finite.
+    # Merge the P partial rows: every program swept every column, so each max is finite, and
+    # partial max - global max is exact where the term matters.
     g_max = col_max.amax(dim=0)
-    col_sum.mul_(torch.exp2(col_max.sub_(g_max)))
-    col_lse = (g_max + torch.log2(col_sum.sum(dim=0))).mul_(_LN2)
+    c_sum = col_sum.mul_(torch.exp(col_max.sub_(g_max))).sum(dim=0)
+    row_lse = row_max.to(f64) + row_sum.to(f64).log()
+    col_lse = g_max.to(f64) + c_sum.to(f64).log()
     return row_lse, col_lse
 
 
-def _launch_grad(x, y, lse_x, lse_y, scale, cfg: LaunchConfig) -> torch.Tensor:
+def _launch_grad(x, y, stat_x, stat_y, scale, cfg: LaunchConfig, transposed: bool) -> torch.Tensor:
     M, D = x.shape
     K = y.shape[0]
     in_regs = D <= cfg.block_do
@@ -357,13 +441,16 @@ def _launch_grad(x, y, lse_x, lse_y, scale, cfg: LaunchConfig) -> torch.Tensor:
     out = (torch.empty if in_regs else torch.zeros)((M, D), device=x.device, dtype=torch.float32)
     if M == 0 or K == 0:
         return out.zero_()
+    hi_x, lo_x = _hi_lo(stat_x)
+    hi_y, lo_y = _hi_lo(stat_y)
     with _device_ctx(x):
         _softmax_grad_kernel[(triton.cdiv(M, cfg.block_m),)](
-            x, y, lse_x, lse_y, out,
+            x, y, hi_x, lo_x, hi_y, lo_y, out,
             M, K, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            float(scale) * _LOG2E,
+            float(scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
-            ACC_IN_REGS=in_regs, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+            ACC_IN_REGS=in_regs, TRANSPOSED=transposed,
+            UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -374,8 +461,9 @@ def clip_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_lse: 
                        ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(P @ b, P.T @ a) with P = exp(z - row_lse[:, None]) + exp(z - col_lse[None, :]), z = scale * a @ b.T.
 
-    The contract of ``chunked_softmax_grads``: row_lse [M] and col_lse [K] are fp32 and already
-    carry the caller's weights; returns fp32 [M, D] / [K, D] (None where not needed).
+    The contract of ``chunked_softmax_grads``: row_lse [M] and col_lse [K] (fp32 or fp64, e.g. as
+    ``clip_lse`` returns them, plus the caller's weights) are applied as fp32 hi + lo pairs;
+    returns fp32 [M, D] / [K, D] (None where not needed).
     """
     check_pair(a, b, "clip_softmax_grads")
     M, D = a.shape
@@ -383,6 +471,6 @@ def clip_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_lse: 
     _check_vec(row_lse, M, "row_lse", "clip_softmax_grads", a)
     _check_vec(col_lse, K, "col_lse", "clip_softmax_grads", a)
     cfg = config or default_config("grad", M, K, D, a.dtype)
-    ga = _launch_grad(a, b, row_lse, col_lse, scale, cfg) if need_a else None
-    gb = _launch_grad(b, a, col_lse, row_lse, scale, cfg) if need_b else None
+    ga = _launch_grad(a, b, row_lse, col_lse, scale, cfg, transposed=False) if need_a else None
+    gb = _launch_grad(b, a, col_lse, row_lse, scale, cfg, transposed=True) if need_b else None
     return ga, gb

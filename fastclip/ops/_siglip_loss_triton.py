@@ -40,8 +40,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._clip_loss_triton import (INTERPRET, LaunchConfig, _accumulate_pv, _device_ctx, _dot_precision,
-                                _logits_tile, _store_acc, check_pair, default_config)
+from ._clip_loss_triton import (
+    INTERPRET,
+    LaunchConfig,
+    _accumulate_pv,
+    _device_ctx,
+    _dot_precision,
+    _logits_tile,
+    _store_acc,
+    check_pair,
+    default_config,
+)
 
 __all__ = ["siglip_sweep"]
 
@@ -65,7 +74,8 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
                          ACC_IN_REGS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Rows of x in this program: softplus/sigmoid row sums (COMPUTE_SUMS), sigmoid(z) @ y (COMPUTE_GRAD).
 
-    Works in base 2: z2 = z * log2(e), so exp(-|z|) = exp2(-|z2|) and softplus = ln2 * (max(z2, 0) + log2(1 + e)).
+    Works in base 2: z2 = z * log2(e), so exp(-|z|) = exp2(-|z2|) and
+    softplus = ln2 * (max(z2, 0) + log2(1 + e)).
     """
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +84,7 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
     sig_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     num_col_blocks = tl.cdiv(K, BLOCK_N)
-    for cb in range(0, num_col_blocks):
+    for cb in range(num_col_blocks):
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < K
         z2 = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
@@ -99,9 +109,8 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
         tl.store(row_sp_ptr + offs_m, sp_rows * 0.6931471805599453, mask=mask_m)
         if COMPUTE_GRAD:
             tl.store(row_sig_ptr + offs_m, sig_rows, mask=mask_m)
-    if COMPUTE_GRAD:
-        if ACC_IN_REGS:
-            _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
+    if COMPUTE_GRAD and ACC_IN_REGS:
+        _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
 
 
 def _launch(x, y, out, row_sp, row_sig, scale, bias, cfg, sums: bool, grad: bool) -> None:
@@ -136,8 +145,9 @@ def siglip_sweep(a: torch.Tensor, b: torch.Tensor, scale: float, bias: float, ne
         zero = torch.zeros((), device=dev, dtype=f32)
         if not need_grads:
             return zero, None, None, None
-        return zero, torch.zeros((M, D), device=dev, dtype=f32), torch.zeros((K, D), device=dev, dtype=f32), zero.clone()
-    cfg = config or default_config("grad", M, K, D, a.dtype)
+        return (zero, torch.zeros((M, D), device=dev, dtype=f32), torch.zeros((K, D), device=dev, dtype=f32),
+                zero.clone())
+    cfg = config or default_config("siglip", M, K, D, a.dtype)
     in_regs = D <= cfg.block_do
     alloc = torch.empty if in_regs else torch.zeros  # the global read-modify-write path needs zeros
     row_sp = torch.empty(M, device=dev, dtype=f32)
