@@ -2,6 +2,8 @@
 
     fastclip info            versions, device, every backend's usability (= python -m fastclip.info)
     fastclip demo            the contrastive loss on this machine: chunked vs materialised logits
+    fastclip make-dataset    write the built-in captioned shapes dataset as webdataset shards
+    fastclip filter          keep the top k% of a shard set by CLIP score; new shards + histogram
 """
 from __future__ import annotations
 
@@ -86,6 +88,60 @@ def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> 
     print("floor = 8*N^2*D FLOPs at the measured matmul rate; peak MB = RSS growth during fwd+bwd")
 
 
+def _add_data_commands(sub) -> None:
+    p = sub.add_parser("make-dataset", help="write the built-in captioned shapes dataset (webdataset shards)")
+    p.add_argument("out", help="output directory (shards + meta.json)")
+    p.add_argument("--samples", type=int, default=10000, help="number of image-text pairs")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="fraction of captions corrupted or mismatched (0 = all captions correct)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-objects", type=int, default=2, choices=(1, 2), help="objects per scene (at most)")
+    p = sub.add_parser("filter", help="score pairs with a fastclip model, keep the top k%%, write new shards")
+    p.add_argument("shards", help="shard pattern, e.g. 'data/shard-{00000..00009}.tar', or a directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--top", type=float, default=40.0,
+                   help="percentage of pairs to keep (the seed study: 20/40/60/80)")
+    p.add_argument("--model", default="ViT-Ti-16", help="fastclip model name (fastclip.list_models())")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--checkpoint", default=None, help="trained weights (open_clip/fastclip state dict)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--backend", default="auto", choices=("auto", "dali", "pil"), help="data loader backend")
+    p.add_argument("--threads", type=int, default=2, help="decoding threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--no-histogram", action="store_true")
+
+
+def _run_data_command(args, parser) -> bool:
+    """Run make-dataset / filter; False if ``args.cmd`` is not one of them."""
+    import json
+    if args.cmd == "make-dataset":
+        from .data.synthetic import make_shapes_dataset
+        if args.samples < 1 or args.image_size < 8 or args.samples_per_shard < 1:
+            parser.error("--samples and --samples-per-shard must be >= 1, --image-size >= 8")
+        if not 0 <= args.caption_noise <= 1:
+            parser.error(f"--caption-noise must be a fraction in [0, 1], got {args.caption_noise}")
+        meta = make_shapes_dataset(args.out, args.samples, args.image_size, args.seed, args.caption_noise,
+                                   args.samples_per_shard, args.max_objects)
+        print(f"wrote {meta['num_samples']} samples ({meta['num_corrupted']} corrupted captions) to "
+              f"{meta['shards_path']} in {meta['seconds']:.1f} s")
+        return True
+    if args.cmd == "filter":
+        from .data.filter import filter_shards
+        if not 0 < args.top <= 100:
+            parser.error(f"--top must be a percentage in (0, 100], got {args.top}")
+        report = filter_shards(args.shards, args.out, keep=args.top / 100, model=args.model,
+                               image_size=args.image_size, checkpoint=args.checkpoint,
+                               batch_size=args.batch_size, backend=args.backend, num_threads=args.threads,
+                               device=args.device, samples_per_shard=args.samples_per_shard,
+                               histogram=not args.no_histogram)
+        print(json.dumps(report, indent=1))
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -94,7 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="batch sizes N")
     p.add_argument("--dim", type=int, default=512, help="feature dimension D")
     p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
+    _add_data_commands(sub)
     args = parser.parse_args(argv)
+    if _run_data_command(args, parser):
+        return 0
     if args.cmd == "info":
         from .info import main as info_main
         info_main()

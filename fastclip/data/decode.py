@@ -1,0 +1,96 @@
+"""PIL decoding to RGB with the crop box applied while resizing (the fallback decoder).
+
+Modes are converted the way DALI's ``fn.decoders.image(output_type=RGB)`` converts them, so that
+both paths see the same pixels: grayscale and palette to RGB, alpha dropped, CMYK (Adobe-inverted
+included) to RGB, 16-bit to 8-bit by keeping the high byte.  A conversion is not a skip; it is
+counted in ``DataStats.notes`` as ``converted:<mode>``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Optional
+
+import numpy as np
+
+from .augment import AugmentConfig, crop_box
+
+__all__ = ["DecodeError", "open_rgb", "decode_views"]
+
+_RESAMPLE = {}
+
+
+class DecodeError(Exception):
+    """The bytes are not a decodable image (corrupt or truncated)."""
+
+
+def _resample(name: str):
+    if not _RESAMPLE:
+        from PIL import Image
+        _RESAMPLE.update(bilinear=Image.Resampling.BILINEAR, bicubic=Image.Resampling.BICUBIC)
+    return _RESAMPLE[name]
+
+
+def _to_rgb(img):
+    """(RGB image, original mode if converted else None)."""
+    from PIL import Image
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+        else:  # 16-bit samples (PNG stores them as I;16 or I): keep the high byte, as DALI does
+            arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(arr8[..., None], 3, axis=2), "RGB"), mode
+    return img.convert("RGB"), mode
+
+
+def open_rgb(data: bytes, target: Optional[int] = None, box_fn=None):
+    """Open ``data``; with ``target``/``box_fn`` let a JPEG decode at reduced scale (``draft``) when
+    the crop box is at least twice the target size.  Returns (PIL image, box in its pixels, mode
+    converted from or None).  Raises :class:`DecodeError`.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        box = box_fn(w, h) if box_fn is not None else (0, 0, w, h)
+        if target is not None and img.format == "JPEG":
+            factor = min(box[2] - box[0], box[3] - box[1]) / target
+            if factor >= 2:
+                img.draft(img.mode, (math.ceil(w / factor), math.ceil(h / factor)))
+                sx, sy = img.size[0] / w, img.size[1] / h
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        img.load()
+        img, converted = _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            EOFError, IndexError) as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+    return img, box, converted
+
+
+def decode_views(data: bytes, cfg: AugmentConfig, rng: Optional[random.Random]) -> tuple[list, Optional[str]]:
+    """uint8 ``[S, S, 3]`` arrays: the main view of ``cfg`` and its ``extra_views``, from one decode.
+
+    Returns (arrays, mode converted from or None).  Raises :class:`DecodeError`.
+    """
+    size = cfg.image_size
+    if cfg.extra_views:
+        img, _, converted = open_rgb(data)
+        w, h = img.size
+        cfgs = [cfg] + [cfg.view] * cfg.extra_views
+        boxes = [crop_box(w, h, c, rng) for c in cfgs]
+    else:
+        img, box, converted = open_rgb(data, size, lambda w, h: crop_box(w, h, cfg, rng))
+        cfgs, boxes = [cfg], [box]
+    out = []
+    for c, box in zip(cfgs, boxes):
+        try:
+            view = img.resize((size, size), _resample(c.interpolation), box=box)
+        except (OSError, ValueError) as exc:
+            raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+        out.append(np.asarray(view, dtype=np.uint8))
+    return out, converted

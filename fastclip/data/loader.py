@@ -1,0 +1,414 @@
+"""The image-text loader: shards -> ``(images [B,3,H,W], tokens long [B,77])`` batches.
+
+Two backends with one output contract, chosen like every fastclip op (``fastclip.ops.dispatch``,
+op ``data_loader``): ``backend=`` > ``FASTCLIP_DATA_BACKEND`` > automatic (DALI when importable,
+else PIL).  An explicit choice that cannot run raises with the reason; automatic selection lists
+every backend's reason when none can run.
+
+``dali``  fastclip's tar reader feeds encoded bytes to a DALI pipeline (``fn.external_source`` ->
+          ``fn.decoders.image``: ``device="cpu"``, or ``"mixed"`` when ``device`` is CUDA) that
+          crops, resizes, colour-jitters, blurs, flips and normalises in ``num_threads`` C++ threads.
+``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
+          resizing; JPEGs decode at reduced scale when the crop allows), then the colour knobs run
+          as batched tensor operations (``fastclip.data.augment``) on ``device``.
+
+Both run in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the
+training step.  Tokenisation is one batched call per batch.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import random
+import threading
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..ops import dispatch
+from .augment import AugmentConfig, augment_batch
+from .shards import DataStats, Sample, ShardSource, split_slots
+
+__all__ = ["ClipLoader", "make_loader", "select_backend", "backend_reasons", "default_tokenizer"]
+
+_OP = "data_loader"
+_ENV = "FASTCLIP_DATA_BACKEND"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+def _dali_check(device=None, dtype=None, **_) -> list:
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        return ["device is CUDA but torch.cuda.is_available() is False"]
+    return []
+
+
+def _register() -> None:
+    if _OP in dispatch.all_ops():  # a reload of this module
+        return
+    dispatch.register(_OP, dispatch.Backend(
+        "dali", fn=lambda loader, *a: loader._dali_batches(*a), devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
+        packages=("nvidia.dali",), check=_dali_check,
+        doc="NVIDIA DALI decode + augment in C++ threads (cpu; mixed GPU decode when device is CUDA)"))
+    dispatch.register(_OP, dispatch.Backend(
+        "pil", fn=lambda loader, *a: loader._pil_batches(*a), devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
+        packages=("PIL",), doc="PIL decode in threads + batched tensor augmentation"))
+
+
+_register()
+
+
+def select_backend(backend: Optional[str] = "auto", device=None, dtype: torch.dtype = torch.float32):
+    """The data-loader backend: ``backend`` > ``FASTCLIP_DATA_BACKEND`` > first usable (dali, pil).
+
+    A separate variable from ``FASTCLIP_BACKEND`` (which names kernel backends such as
+    ``chunked``, meaningless here).  Raises ``BackendError`` with every backend's reason.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    requested = backend if backend not in (None, "auto") else os.environ.get(_ENV) or "auto"
+    if requested != "auto":
+        return dispatch.select(_OP, requested, device=device, dtype=dtype)
+    refusals = []
+    for b in dispatch.backends(_OP):
+        why = b.reasons(device=device, dtype=dtype)
+        if not why:
+            return b
+        refusals.append(f"  {b.name}: " + "; ".join(why))
+    raise dispatch.BackendError(f"{_OP}: no backend can run here:\n" + "\n".join(refusals))
+
+
+def backend_reasons(device="cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """``{backend: [reasons it cannot run]}`` (empty list: usable); for ``fastclip.info``."""
+    device = torch.device(device)
+    return {b.name: b.reasons(device=device, dtype=dtype) for b in dispatch.backends(_OP)}
+
+
+def default_tokenizer(model: str = "ViT-B-32") -> Callable:
+    """``fastclip.get_tokenizer(model)``: texts -> LongTensor [B, 77]."""
+    import fastclip
+    get = getattr(fastclip, "get_tokenizer", None)
+    if get is None:
+        raise RuntimeError("fastclip.get_tokenizer is not available in this install; pass tokenizer= "
+                           "(a callable: list of str -> LongTensor [B, context_length])")
+    return get(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+class _End:
+    pass
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class ClipLoader(torch.utils.data.IterableDataset):
+    """Batches of ``(images, tokens)`` from webdataset shards.
+
+    Args:
+        shards: a brace pattern (``data/{00000..00127}.tar``), a directory, or a list.
+        batch_size: samples per batch.  Every batch is full except, in one-pass mode, the last
+            (unless ``drop_last``, which gives up on delivering those samples).
+        image_size, augment, train, **augment_overrides: the preset (``clip``, ``clip_aug``,
+            ``simclr``) and knobs, see :class:`fastclip.data.AugmentConfig`.
+        tokenizer: texts -> LongTensor ``[B, context_length]``; default ``fastclip.get_tokenizer(model)``.
+        backend: ``"auto"``, ``"dali"`` or ``"pil"``.
+        device, dtype: where and in what float type images come out (float32, float16, bfloat16).
+        num_threads: decoding threads (DALI's or the PIL pool).
+        shuffle: shuffle buffer size (default 2000 when ``train`` else 0); shard order is shuffled too.
+        seed: everything random (shard order, buffer, crops, colour) follows (seed, epoch, slot).
+        resampled, samples: draw shards with replacement forever / stop after ``samples`` per slot.
+        rank, world_size, worker, num_workers: the slot; default from torch.distributed and the
+            torch DataLoader worker info.  ``split``: "auto" | "shard" | "sample" (see ``shards``).
+        with_labels: append the class label (LongTensor [B], -1 if none) to every batch.
+        return_meta: append a dict (``keys``, ``uids``, ``captions``) to every batch.
+
+    Yields ``(images, tokens)``; the simclr preset adds its extra views: ``(images, tokens, view1,
+    view2)``; then ``labels`` and ``meta`` when asked for.  ``stats`` (cumulative) and
+    ``epoch_stats`` (last epoch) count what was delivered and what was skipped, per reason.
+    Each ``iter()`` is one epoch; call ``set_epoch`` first, or epochs count up from 0.
+
+    It is also a torch ``IterableDataset`` of whole batches: ``DataLoader(loader, batch_size=None,
+    num_workers=k)`` gives every worker process its own slot (counters then live in the workers).
+    """
+
+    def __init__(self, shards, batch_size: int, *, image_size: int = 224,
+                 augment: Union[str, AugmentConfig] = "clip",
+                 train: bool = True, tokenizer: Optional[Callable] = None, model: str = "ViT-B-32",
+                 backend: Optional[str] = "auto", device=None, dtype: torch.dtype = torch.float32,
+                 num_threads: int = 2, shuffle: Optional[int] = None, seed: int = 0, resampled: bool = False,
+                 samples: Optional[int] = None, split: str = "auto", rank: Optional[int] = None,
+                 world_size: Optional[int] = None, worker: Optional[int] = None,
+                 num_workers: Optional[int] = None, drop_last: bool = False, prefetch: int = 2,
+                 with_labels: bool = False, return_meta: bool = False,
+                 warn: bool = True, **augment_overrides):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        self.cfg = AugmentConfig.from_name(augment, image_size=image_size, train=train, **augment_overrides)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.backend = select_backend(backend, self.device, dtype)
+        self.batch_size, self.num_threads, self.prefetch = batch_size, num_threads, prefetch
+        self.seed, self.drop_last, self.warn = seed, drop_last, warn
+        self.with_labels, self.return_meta = with_labels, return_meta
+        if shuffle is None:
+            shuffle = 2000 if train else 0
+        self.source = ShardSource(shards, shuffle=shuffle, seed=seed, resampled=resampled, samples=samples,
+                                  split=split, check_images=True)
+        self._slot_args = (rank, world_size, worker, num_workers)
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model)
+        self.epoch = 0
+        self.stats = DataStats(warn=False)
+        self.epoch_stats: Optional[DataStats] = None
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.epoch
+        self.epoch += 1
+        slot, slots = split_slots(*self._slot_args)
+        stats = DataStats(warn=self.warn)
+        samples = self.source.iter(epoch, slot, slots, stats)
+        batches = self.backend.fn(self, samples, epoch, slot, stats)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for item in batches:
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.05)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(_End())
+            except BaseException as exc:  # handed to the consumer, raised there
+                q.put(_Failed(exc))
+            finally:
+                batches.close()
+
+        thread = threading.Thread(target=produce, name=f"fastclip-data-{slot}", daemon=True)
+        thread.start()
+        finished = False
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, _End):
+                    finished = True
+                    break
+                if isinstance(item, _Failed):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+            self.epoch_stats = stats
+            self.stats.merge(stats)
+            if finished and stats.skipped and self.warn:
+                warnings.warn(f"fastclip.data: epoch {epoch} (slot {slot}/{slots}): delivered "
+                              f"{stats.delivered}, skipped {dict(stats.skipped)}", UserWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------
+    # Shared pieces
+    # ------------------------------------------------------------------------------------------
+    def _rng_seed(self, kind: str, epoch: int, slot: int, index: int) -> str:
+        return f"fastclip-{kind}-{self.seed}-{epoch}-{slot}-{index}"
+
+    def _generator(self, epoch: int, slot: int, index: int) -> torch.Generator:
+        s = random.Random(self._rng_seed("colour", epoch, slot, index)).getrandbits(63)
+        return torch.Generator().manual_seed(s)
+
+    def _finish(self, views: list, samples: Sequence[Sample], stats: DataStats) -> tuple:
+        """Images (and views) ready; add tokens, labels, meta."""
+        tokens = self.tokenizer([s.caption for s in samples])
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(samples):
+            raise ValueError(f"tokenizer must return a tensor [B, context_length] for B={len(samples)} "
+                             f"texts, got {type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+        tokens = tokens.long()
+        if self.device.type != "cpu":
+            tokens = tokens.to(self.device, non_blocking=True)
+        out = [views[0], tokens, *views[1:]]
+        if self.with_labels:
+            out.append(torch.tensor([s.label for s in samples], dtype=torch.long, device=self.device))
+        if self.return_meta:
+            out.append({"keys": [s.key for s in samples], "uids": [s.uid for s in samples],
+                        "captions": [s.caption for s in samples], "shards": [s.shard for s in samples]})
+        stats.add_delivered(len(samples))
+        return tuple(out)
+
+    def _decode_chunk(self, chunk: Sequence[Sample], rng_seed: str, stats: DataStats) -> list:
+        """PIL: [(sample, [view arrays])] for the samples that decode; the others are counted."""
+        from .decode import DecodeError, decode_views
+        rng = random.Random(rng_seed)
+        out = []
+        for s in chunk:
+            try:
+                views, converted = decode_views(s.image, self.cfg, rng)
+            except DecodeError as exc:
+                stats.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
+                continue
+            if converted:
+                stats.note(f"converted:{converted}")
+            out.append((s, views))
+        return out
+
+    def _tensor_views(self, decoded: list, generator: torch.Generator) -> list:
+        """Stack PIL views, move to the device, run the batched colour ops."""
+        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
+        out = []
+        for v, c in enumerate(cfgs):
+            arr = torch.from_numpy(np.stack([views[v] for _, views in decoded]))
+            if self.device.type != "cpu":
+                arr = arr.pin_memory().to(self.device, non_blocking=True)
+            out.append(augment_batch(arr, c, generator, self.dtype))
+        return out
+
+    def _chunks(self, samples: Iterator[Sample], size: int) -> Iterator[list]:
+        chunk = []
+        for s in samples:
+            chunk.append(s)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    # ------------------------------------------------------------------------------------------
+    # PIL backend
+    # ------------------------------------------------------------------------------------------
+    def _pil_batches(self, samples: Iterator[Sample], epoch: int, slot: int,
+                     stats: DataStats) -> Iterator[tuple]:
+        chunk_size = max(1, min(self.batch_size, 32))
+        depth = self.num_threads * 2 + (self.batch_size + chunk_size - 1) // chunk_size
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastclip-decode")
+        pending: deque = deque()
+        ready: list = []
+        batch_index = 0
+        try:
+            chunks = enumerate(self._chunks(samples, chunk_size))
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < depth:
+                    try:
+                        i, chunk = next(chunks)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    seed = self._rng_seed("crop", epoch, slot, i)
+                    pending.append(pool.submit(self._decode_chunk, chunk, seed, stats))
+                if not pending:
+                    break
+                ready.extend(pending.popleft().result())
+                while len(ready) >= self.batch_size:
+                    batch, ready = ready[:self.batch_size], ready[self.batch_size:]
+                    yield self._pil_emit(batch, epoch, slot, batch_index, stats)
+                    batch_index += 1
+            if ready and not self.drop_last:
+                yield self._pil_emit(ready, epoch, slot, batch_index, stats)
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+
+    def _pil_emit(self, decoded: list, epoch: int, slot: int, index: int, stats: DataStats) -> tuple:
+        views = self._tensor_views(decoded, self._generator(epoch, slot, index))
+        return self._finish(views, [s for s, _ in decoded], stats)
+
+    # ------------------------------------------------------------------------------------------
+    # DALI backend
+    # ------------------------------------------------------------------------------------------
+    def _dali_batches(self, samples: Iterator[Sample], epoch: int, slot: int,
+                      stats: DataStats) -> Iterator[tuple]:
+        from . import _dali
+        chunks = self._chunks(samples, self.batch_size)
+        fed: deque = deque()
+        source_error: list = []
+
+        def source():
+            try:
+                chunk = next(chunks)  # StopIteration ends DALI's epoch
+            except StopIteration:
+                raise
+            except Exception as exc:  # the reader's own error: end DALI's epoch, raise it below
+                source_error.append(exc)
+                raise StopIteration from exc
+            fed.append(chunk)
+            return _dali.encoded_batch(chunk)
+
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        seed = random.Random(self._rng_seed("dali", epoch, slot, 0)).getrandbits(31)
+        pipe = _dali.build_pipeline(self.cfg, source, self.batch_size, self.num_threads, seed, device_id,
+                                    prefetch=self.prefetch)
+        index = unexplained = 0
+        try:
+            while True:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:
+                    break
+                except RuntimeError as exc:
+                    # One image that passed the structural check failed in DALI's decoder, which
+                    # fails the batch: decode this batch with PIL instead (counting what fails there).
+                    if source_error or not fed:
+                        raise
+                    chunk = fed.popleft()
+                    stats.note("dali_batch_fallback")
+                    before = stats.total_skipped
+                    decoded = self._decode_chunk(chunk, self._rng_seed("crop", epoch, slot, index), stats)
+                    # Guard against a pipeline that fails for reasons other than the data.
+                    unexplained = unexplained + 1 if stats.total_skipped == before else 0
+                    if unexplained >= 3:
+                        raise RuntimeError("DALI failed 3 batches in a row in which PIL found no bad image; "
+                                           f"the pipeline itself seems broken: {exc}") from exc
+                    if decoded and not (self.drop_last and len(decoded) < self.batch_size):
+                        yield self._pil_emit(decoded, epoch, slot, index, stats)
+                    index += 1
+                    if not decoded:
+                        warnings.warn(f"fastclip.data: DALI failed a batch and PIL decoded none of it: {exc}")
+                    continue
+                chunk = fed.popleft()
+                if self.drop_last and len(chunk) < self.batch_size:
+                    break
+                unexplained = 0
+                views = _dali.outputs_to_torch(outputs, self.dtype, self.device)
+                yield self._finish(views, chunk, stats)
+                index += 1
+            if source_error:
+                raise source_error[0]
+        finally:
+            del pipe
+
+
+def make_loader(shards, batch_size: int, **kwargs) -> ClipLoader:
+    """:class:`ClipLoader` (the functional spelling)."""
+    return ClipLoader(shards, batch_size, **kwargs)

@@ -1,0 +1,125 @@
+"""Augmentation presets and the batched tensor operations (fused vs op-by-op reference)."""
+import random
+
+import pytest
+import torch
+
+from fastclip.data.augment import (
+    CLIP_MEAN,
+    CLIP_STD,
+    AugmentConfig,
+    augment_batch,
+    augment_batch_reference,
+    crop_box,
+    draw_params,
+    gaussian_blur,
+    gaussian_blur_reference,
+)
+
+# (dtype, atol, rtol) of the fused path against the float64 reference, in normalised units (~[-2, 2]).
+TOLERANCES = [(torch.float32, 2e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2), (torch.float16, 4e-3, 2e-3)]
+SHAPES = [(1, 8, 8), (5, 17, 23), (9, 64, 64), (3, 224, 224)]  # (B, H, W): odd sizes, chunk tails
+
+
+def _images(b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=g)
+
+
+def _close(got, want, atol, rtol, what):
+    err = (got.double() - want).abs()
+    bound = atol + rtol * want.abs()
+    bad = err > bound
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst "
+                             f"{err.max().item():.3g} (first at {idx}: got {got[idx].item():.6f}, "
+                             f"want {want[idx].item():.6f})")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("preset", ["clip", "clip_aug", "jitter_only", "gray_only"])
+def test_fused_matches_reference(preset, shape, dtype, atol, rtol):
+    b, h, w = shape
+    if h == 224 and dtype != torch.float32:
+        pytest.skip("one large shape per preset is enough")
+    overrides = {"jitter_only": dict(jitter_p=1.0), "gray_only": dict(grayscale_p=1.0)}.get(preset, {})
+    name = "clip" if preset in ("jitter_only", "gray_only") else preset
+    cfg = AugmentConfig.from_name(name, w, **overrides)
+    x = _images(b, h, w)
+    params = draw_params(b, cfg, torch.Generator().manual_seed(7))
+    got = augment_batch(x, cfg, dtype=dtype, params=params)
+    want = augment_batch_reference(x, cfg, params, dtype=torch.float64)
+    assert got.shape == (b, 3, h, w) and got.dtype == dtype and got.is_contiguous()
+    _close(got, want, atol, rtol, f"{preset} {shape} {dtype}")
+
+
+def test_blur_matches_grouped_convolution():
+    x = torch.rand(6, 3, 31, 40, dtype=torch.float64) * 255
+    sigma = torch.tensor([0.0, 0.1, 0.7, 1.5, 2.0, 0.0], dtype=torch.float64)
+    got, want = gaussian_blur(x, sigma), gaussian_blur_reference(x, sigma)
+    _close(got, want, 1e-9, 1e-12, "blur")
+    assert torch.equal(got[0], x[0]) and torch.equal(got[5], x[5])  # sigma 0: untouched
+    assert got[4].std() < x[4].std()
+
+
+def test_each_knob_does_what_it_says():
+    x = _images(16, 12, 12)
+    plain = augment_batch(x, AugmentConfig(image_size=12))
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain, (x.permute(0, 3, 1, 2).float() / 255 - mean) / std)
+    flipped = augment_batch(x, AugmentConfig(image_size=12, flip_p=1.0))
+    torch.testing.assert_close(flipped, plain.flip(-1))
+    gray = augment_batch(x, AugmentConfig(image_size=12, grayscale_p=1.0)) * std + mean
+    torch.testing.assert_close(gray[:, 0], gray[:, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gray[:, 1], gray[:, 2], atol=1e-5, rtol=0)
+    jit = augment_batch(x, AugmentConfig(image_size=12, jitter_p=1.0), torch.Generator().manual_seed(0))
+    unit = jit * std + mean
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5  # clamped to the valid range
+    assert not torch.allclose(jit, plain)
+
+
+def test_deterministic_under_a_seed():
+    cfg = AugmentConfig.from_name("clip_aug", 32)
+    x = _images(8, 32, 32)
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(5))
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(5))
+    c = augment_batch(x, cfg, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_presets_and_knobs():
+    clip = AugmentConfig.from_name("clip", 64)
+    assert clip.random_crop and clip.scale == (0.9, 1.0) and not clip.has_color
+    evalc = AugmentConfig.from_name("clip_aug", 64, train=False)
+    assert not evalc.random_crop and not evalc.has_color
+    strong = AugmentConfig.from_name("clip_aug", 64, blur_p=0.0, scale=(0.2, 1.0))
+    assert strong.scale == (0.2, 1.0) and strong.blur_p == 0
+    assert strong.jitter_p == 0.8 and strong.flip_p == 0.5
+    simclr = AugmentConfig.from_name("simclr", 48)
+    assert simclr.extra_views == 2 and simclr.view.preset == "clip_aug" and simclr.view.image_size == 48
+    with pytest.raises(ValueError, match="augment preset must be one of"):
+        AugmentConfig.from_name("autoaugment")
+    with pytest.raises(TypeError, match="unknown augmentation knob"):
+        AugmentConfig.from_name("clip", blurr_p=0.5)
+    with pytest.raises(ValueError, match="flip_p must be a probability"):
+        AugmentConfig(flip_p=1.5)
+    with pytest.raises(ValueError, match="scale must satisfy"):
+        AugmentConfig(scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"images must be uint8 \[B, H, W, 3\]"):
+        augment_batch(torch.zeros(2, 3, 8, 8), clip)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (100, 300), (64, 64)])
+def test_crop_box(size):
+    w, h = size
+    cfg = AugmentConfig.from_name("clip_aug", 32)
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = crop_box(w, h, cfg, rng)
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    left, top, right, bottom = crop_box(w, h, AugmentConfig.from_name("clip", 32, train=False), None)
+    assert right - left == bottom - top == min(w, h)
+    assert abs((left + right) / 2 - w / 2) < 1 and abs((top + bottom) / 2 - h / 2) < 1

@@ -1,0 +1,276 @@
+"""The loader on both backends: output contract, bad input, ranks/workers, determinism, selection."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastclip
+from fastclip.data import ClipLoader, backend_reasons, select_backend
+from fastclip.data.augment import CLIP_MEAN, CLIP_STD
+from fastclip.ops import dispatch
+
+from ._build import bad_set, dali_available, odd_mode_images, write_good_shards, write_tar
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not importable (pip install "
+                                                            "nvidia-dali-cuda130, the `dali` extra)")
+BACKENDS = ["pil", pytest.param("dali", marks=needs_dali)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fastclip.get_tokenizer("ViT-B-32")
+
+
+@pytest.fixture
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _keys(batches):
+    return [k for b in batches for k in b[-1]["keys"]]
+
+
+def _unnormalise(x):
+    return x.float() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_contract(tmp_path, backend, dtype, tokenizer):
+    paths = write_good_shards(tmp_path, 2, 9)
+    loader = ClipLoader(paths, 4, image_size=16, augment="clip_aug", backend=backend, dtype=dtype,
+                        tokenizer=tokenizer, return_meta=True, with_labels=True)
+    assert loader.backend_name == backend
+    batches = list(loader)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 4, 4, 2]  # full batches, then the rest
+    for images, tokens, labels, meta in batches:
+        assert images.shape[1:] == (3, 16, 16) and images.dtype == dtype
+        assert tokens.dtype == torch.long and tokens.shape == (images.shape[0], 77)
+        assert torch.equal(tokens, tokenizer(meta["captions"]))
+        assert labels.tolist() == [int(k) % 7 for k in meta["keys"]]
+        assert torch.isfinite(images.float()).all()
+    assert sorted(_keys(batches)) == [f"{i:06d}" for i in range(18)]
+    assert loader.epoch_stats.delivered == 18 and not loader.epoch_stats.skipped
+    unit = _unnormalise(torch.cat([b[0] for b in batches]))
+    assert unit.min() > -0.02 and unit.max() < 1.02  # CLIP normalisation undone = [0, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_skipped_counted_and_every_good_sample_once(tmp_path, backend, tokenizer):
+    pattern, good, reasons = bad_set(tmp_path, decoder_corrupt=True)
+    loader = ClipLoader(pattern, 4, image_size=16, backend=backend, tokenizer=tokenizer, return_meta=True,
+                        shuffle=5)
+    with pytest.warns(UserWarning) as record:
+        batches = list(loader)
+    keys = _keys(batches)
+    assert sorted(keys) == sorted(good)  # each good sample exactly once
+    assert dict(loader.epoch_stats.skipped) == reasons
+    assert loader.epoch_stats.delivered == len(good)
+    text = " ".join(str(w.message) for w in record)
+    assert "skipping missing shard" in text and "skipping truncated tar" in text and "delivered 12" in text
+    if backend == "dali":  # the undecodable image made DALI fail its batch; PIL decoded the rest of it
+        assert loader.epoch_stats.notes["dali_batch_fallback"] >= 1
+    # full batches, except the last one (and, on DALI, the batch the undecodable image was in)
+    sizes = [b[0].shape[0] for b in batches]
+    assert sizes[:-1].count(4) >= len(sizes) - (2 if backend == "dali" else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_image_modes_become_rgb(tmp_path, backend, tokenizer):
+    cases = odd_mode_images()
+    write_tar(tmp_path / "modes.tar",
+              [(name, {ext: data, "txt": name}) for name, (data, ext, _) in cases.items()])
+    loader = ClipLoader(str(tmp_path / "modes.tar"), 16, image_size=8, train=False, backend=backend,
+                        tokenizer=tokenizer, return_meta=True)
+    (images, _, meta), = list(loader)
+    assert sorted(meta["keys"]) == sorted(cases)  # nothing skipped
+    unit = _unnormalise(images) * 255
+    for row, key in enumerate(meta["keys"]):
+        want = torch.tensor(cases[key][2], dtype=torch.float32)
+        got = unit[row, :, 4, 4]
+        assert (got - want).abs().max() < 14, f"{key}: got {got.tolist()}, want {want.tolist()}"
+    if backend == "pil":
+        notes = loader.epoch_stats.notes
+        assert notes["converted:CMYK"] == 1 and notes["converted:L"] == 1 and notes["converted:RGBA"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 1)])
+def test_ranks_and_workers_partition_the_data(tmp_path, backend, world, workers, tokenizer, quiet):
+    pattern, good, reasons = bad_set(tmp_path)
+    seen, skipped = [], {}
+    for rank in range(world):
+        for worker in range(workers):
+            loader = ClipLoader(pattern, 3, image_size=8, backend=backend, tokenizer=tokenizer,
+                                return_meta=True, rank=rank, world_size=world, worker=worker,
+                                num_workers=workers, seed=1)
+            loader.set_epoch(2)
+            seen += _keys(loader)
+            for k, v in loader.epoch_stats.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+    assert len(seen) == len(set(seen)) and set(seen) == good
+    assert skipped == reasons
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_under_a_seed(tmp_path, backend, tokenizer):
+    paths = write_good_shards(tmp_path, 3, 6)
+
+    def run(seed, epoch=0):
+        loader = ClipLoader(paths, 4, image_size=16, augment="clip_aug", backend=backend, tokenizer=tokenizer,
+                            shuffle=8, seed=seed, return_meta=True)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        return _keys(batches), torch.cat([b[0] for b in batches])
+    k1, x1 = run(0)
+    k2, x2 = run(0)
+    k3, x3 = run(1)
+    k4, _ = run(0, epoch=1)
+    assert k1 == k2 and torch.equal(x1, x2)
+    assert k1 != k3 and k1 != k4 and sorted(k1) == sorted(k3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simclr_views(tmp_path, backend, tokenizer):
+    paths = write_good_shards(tmp_path, 1, 5)
+    loader = ClipLoader(paths, 5, image_size=16, augment="simclr", backend=backend, tokenizer=tokenizer)
+    (images, tokens, v1, v2), = list(loader)
+    assert images.shape == v1.shape == v2.shape == (5, 3, 16, 16)
+    assert not torch.equal(v1, v2) and not torch.equal(images, v1)
+
+
+@needs_dali
+def test_dali_and_pil_agree_on_the_eval_transform(tmp_path, tokenizer):
+    from PIL import Image, ImageDraw
+
+    from ._build import encode
+    samples = []
+    for i in range(6):  # smooth images with edges, non-square, larger than the output
+        img = Image.new("RGB", (80 + 8 * i, 60), (30 * i, 120, 200 - 20 * i))
+        ImageDraw.Draw(img).ellipse((10, 10, 50, 50), fill=(250, 240, 10))
+        samples.append((f"{i:03d}", {"jpg": encode(img, "JPEG", quality=95), "txt": f"image {i}"}))
+    write_tar(tmp_path / "a.tar", samples)
+    out = {}
+    for backend in ("pil", "dali"):
+        loader = ClipLoader(str(tmp_path / "a.tar"), 6, image_size=32, train=False, backend=backend,
+                            tokenizer=tokenizer)
+        out[backend] = next(iter(loader))[0]
+    diff = (out["pil"] - out["dali"]).abs()
+    assert diff.mean() < 0.05, f"mean |pil - dali| = {diff.mean():.4f} (normalised units)"
+
+
+def test_backend_selection_and_refusals(monkeypatch):
+    monkeypatch.delenv("FASTCLIP_DATA_BACKEND", raising=False)
+    monkeypatch.setenv("FASTCLIP_BACKEND", "chunked")  # a kernel backend name must not confuse the loader
+    expected = "dali" if dali_available() else "pil"
+    assert select_backend().name == expected
+    assert select_backend("pil").name == "pil"
+    monkeypatch.setenv("FASTCLIP_DATA_BACKEND", "pil")
+    assert select_backend().name == "pil"
+    monkeypatch.delenv("FASTCLIP_DATA_BACKEND")
+    with pytest.raises(ValueError, match="not a backend of data_loader"):
+        select_backend("opencv")
+    reasons = backend_reasons("cpu")
+    assert reasons["pil"] == [] and set(reasons) == {"dali", "pil"}
+    if dali_available() and not torch.cuda.is_available():
+        assert "torch.cuda.is_available() is False" in backend_reasons("cuda")["dali"][0]
+        with pytest.raises(dispatch.BackendError, match="torch.cuda.is_available"):
+            select_backend("dali", device="cuda")
+    real = dispatch.package_status
+
+    def no_dali(name):
+        return "cannot import nvidia.dali: ModuleNotFoundError: no" if name == "nvidia.dali" else real(name)
+    monkeypatch.setattr(dispatch, "package_status", no_dali)
+    assert select_backend().name == "pil"
+    with pytest.raises(dispatch.BackendError, match="cannot import nvidia.dali"):
+        select_backend("dali")
+    monkeypatch.setattr(dispatch, "package_status", lambda name: f"cannot import {name}: test")
+    with pytest.raises(dispatch.BackendError,
+                       match=r"dali: cannot import nvidia.dali.*\n.*pil: cannot import PIL"):
+        select_backend()
+
+
+def test_argument_errors(tmp_path, tokenizer):
+    paths = write_good_shards(tmp_path, 1, 2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        ClipLoader(paths, 0, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ClipLoader(paths, 2, dtype=torch.int8, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="split must be"):
+        ClipLoader(paths, 2, split="rows", tokenizer=tokenizer)
+    bad_tok = ClipLoader(paths, 2, tokenizer=lambda texts: [[1, 2]] * len(texts), backend="pil")
+    with pytest.raises(ValueError, match=r"tokenizer must return a tensor \[B, context_length\]"):
+        list(bad_tok)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_exit_and_next_epoch(tmp_path, backend, tokenizer):
+    paths = write_good_shards(tmp_path, 2, 20)
+    loader = ClipLoader(paths, 4, image_size=8, backend=backend, tokenizer=tokenizer, prefetch=1)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break  # the producer thread must stop, not hang
+    assert loader.epoch == 1
+    assert sum(b[0].shape[0] for b in loader) == 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resampled_epochs(tmp_path, backend, tokenizer):
+    paths = write_good_shards(tmp_path, 2, 5)
+    loader = ClipLoader(paths, 4, image_size=8, backend=backend, tokenizer=tokenizer, resampled=True,
+                        samples=22, drop_last=True)
+    assert [b[0].shape[0] for b in loader] == [4] * 5
+
+
+def test_torch_dataloader_workers(tmp_path, tokenizer):
+    paths = write_good_shards(tmp_path, 4, 5)
+    loader = ClipLoader(paths, 3, image_size=8, backend="pil", tokenizer=tokenizer, return_meta=True,
+                        num_threads=1)
+    dl = torch.utils.data.DataLoader(loader, batch_size=None, num_workers=2,
+                                     multiprocessing_context="fork" if sys.platform == "linux" else None)
+    keys = _keys(list(dl))
+    assert sorted(keys) == [f"{i:06d}" for i in range(20)]
+
+
+def test_import_does_not_load_pil_or_dali():
+    code = ("import sys, fastclip.data; "
+            "print(sorted(m for m in ('PIL', 'nvidia.dali', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dali_mixed_gpu_path(tmp_path, tokenizer):
+    paths = write_good_shards(tmp_path, 1, 8)
+    loader = ClipLoader(paths, 4, image_size=16, augment="clip_aug", backend="dali", device="cuda",
+                        dtype=torch.bfloat16, tokenizer=tokenizer)
+    batches = list(loader)
+    assert all(b[0].is_cuda and b[1].is_cuda and b[0].dtype == torch.bfloat16 for b in batches)
+    assert sum(b[0].shape[0] for b in batches) == 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reader_errors_reach_the_caller(tmp_path, backend, tokenizer):
+    empty = tmp_path / "empty.tar"
+    write_tar(empty, [("x", {"txt": "no image"})])
+    loader = ClipLoader(str(empty), 2, image_size=8, backend=backend, tokenizer=tokenizer, resampled=True, warn=False)
+    with pytest.raises(RuntimeError, match="found no good sample"):
+        list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_feed_the_model(tmp_path, backend, tokenizer):
+    paths = write_good_shards(tmp_path, 1, 4)
+    model = fastclip.create_model("ViT-Ti-16", image_size=32, vision_layers=1, text_layers=1, text_width=64,
+                                  text_heads=2)
+    loader = ClipLoader(paths, 4, image_size=32, augment="clip_aug", backend=backend, tokenizer=tokenizer)
+    images, tokens = next(iter(loader))
+    out = model(images, tokens)
+    assert out["image_features"].shape[0] == out["text_features"].shape[0] == 4
+    assert torch.isfinite(out["image_features"]).all() and torch.isfinite(out["text_features"]).all()
