@@ -12,7 +12,8 @@ import torch
 from . import __version__
 from .ops import dispatch
 
-_PACKAGES = ("torch", "numpy", "triton", "flash_attn", "xformers", "nvidia.dali", "open_clip")
+_PACKAGES = ("torch", "numpy", "triton", "tokenizers", "ftfy", "regex", "PIL", "flash_attn", "xformers",
+             "nvidia.dali", "open_clip")
 
 
 def _version(name: str) -> str:

@@ -300,7 +300,7 @@ dispatch.register("clip_loss", dispatch.Backend(
 dispatch.register("clip_loss", dispatch.Backend(
     "chunked", _run_engine(_ChunkedEngine), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, two passes, O(N*D + tile) memory; runs everywhere"))
+    doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("clip_loss", dispatch.Backend(
     "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),

@@ -143,7 +143,7 @@ dispatch.register("siglip_loss", dispatch.Backend(
 dispatch.register("siglip_loss", dispatch.Backend(
     "chunked", _run_engine(_ChunkedSweep), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, one sweep, O(N*D + tile) memory; runs everywhere"))
+    doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("siglip_loss", dispatch.Backend(
     "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
