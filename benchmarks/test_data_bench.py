@@ -31,7 +31,6 @@ Nothing here asserts on speed.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import os
 import random
@@ -41,6 +40,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from fastclip.testing import load_open_clip_file
 
 LOADER_PROVIDERS = ("pil", "dali", "dali-mixed")
 PRESETS = ("clip", "clip_aug")
@@ -162,18 +162,8 @@ def _captions(n: int) -> list:
 @functools.lru_cache(maxsize=None)
 def _open_clip_tokenizer():
     """open_clip's SimpleTokenizer from its tokenizer.py loaded standalone; (tokenizer, reason)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "open_clip is not installed (pip install open_clip_torch --no-deps ftfy regex)"
-    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
-    try:
-        lspec = importlib.util.spec_from_file_location("_fastclip_bench_open_clip_tokenizer", path)
-        mod = importlib.util.module_from_spec(lspec)
-        lspec.loader.exec_module(mod)
-        return mod.SimpleTokenizer(), None
-    except Exception as exc:  # ftfy/regex missing, or a renamed module
-        return None, f"cannot load {path}: {type(exc).__name__}: {exc}"
-
+    mod, why = load_open_clip_file("tokenizer")
+    return (mod.SimpleTokenizer(), None) if mod is not None else (None, why)
 
 # ----------------------------------------------------------------------------------------------
 # Benchmarks

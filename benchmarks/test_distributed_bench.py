@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ import traceback
 
 import pytest
 import torch
+from fastclip.testing import load_open_clip_file
 
 MiB = 2 ** 20
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -94,17 +94,7 @@ def _peak_extra(fn, device: torch.device):
 # The losses
 # ----------------------------------------------------------------------------------------------
 def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", f"{spec.submodule_search_locations[0]}/loss.py")
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception:
-        return None
-    return mod
-
+    return load_open_clip_file("loss")[0]
 
 def _make_loss(provider: str, rank: int, world: int):
     """(loss(a, b, scale, bias) callable, None) or (None, reason it cannot run)."""

@@ -51,7 +51,6 @@ Rounds and runtime
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import time
@@ -62,6 +61,7 @@ import torch
 from fastclip.ops import dispatch
 from fastclip.ops.clip_loss import clip_loss
 from fastclip.ops.siglip_loss import siglip_loss
+from fastclip.testing import load_open_clip_file
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 CPU_SIZES = (4096, 8192, 16384, 32768, 65536)
@@ -153,31 +153,17 @@ def pytest_generate_tests(metafunc):
 # ----------------------------------------------------------------------------------------------
 # Providers
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def open_clip_loss_module():
-    """open_clip's loss.py, loaded on its own (``import open_clip`` needs torchvision).
-
-    Returns (module, version, None) or (None, None, reason)."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError) as exc:
-        return None, None, f"open_clip not found: {exc}"
-    if spec is None or not spec.submodule_search_locations:
-        return None, None, "open_clip is not installed (pip install open_clip_torch --no-deps is enough)"
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    try:
-        lspec = importlib.util.spec_from_file_location("_fastclip_bench_open_clip_loss", path)
-        mod = importlib.util.module_from_spec(lspec)
-        lspec.loader.exec_module(mod)
-    except Exception as exc:  # a broken or renamed loss.py: skip, with the reason
-        return None, None, f"cannot load {path}: {type(exc).__name__}: {exc}"
+    """open_clip's loss.py, loaded on its own: (module, version, None) or (None, None, reason)."""
+    mod, why = load_open_clip_file("loss")
+    if mod is None:
+        return None, None, why
     try:
         from importlib.metadata import version
         ver = version("open_clip_torch")
     except Exception:
         ver = "unknown"
     return mod, ver, None
-
 
 def _triton_reason(op: str, device: torch.device, dtype: torch.dtype):
     try:

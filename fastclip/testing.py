@@ -1,6 +1,9 @@
 """Helpers for comparing an op against its reference twin (used by fastclip's tests, usable by yours)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -59,3 +62,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[t
             f"rtol={rtol:g}); worst at index {where}: actual {a.reshape(-1)[idx].item():.8g}, expected "
             f"{e.reshape(-1)[idx].item():.8g}, |diff| {err.reshape(-1)[idx].item():.3g} "
             f"(allowed {allowed.reshape(-1)[idx].item():.3g}); max |diff| overall {err.max().item():.3g}")
+
+
+@functools.lru_cache(maxsize=None)
+def load_open_clip_file(stem: str):
+    """One file of an installed open_clip, e.g. ``"loss"`` or ``"tokenizer"``, loaded on its own.
+
+    ``import open_clip`` needs torchvision (which has no CPU build here); its loss and tokenizer
+    files import only torch (and ftfy/regex), so tests and benchmarks compare against the real
+    open_clip code this way.  Returns ``(module, None)`` or ``(None, reason it cannot be loaded)``.
+    """
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError) as exc:
+        return None, f"open_clip not found: {exc}"
+    if spec is None or not spec.submodule_search_locations:
+        return None, "open_clip is not installed (pip install --no-deps open-clip-torch)"
+    path = os.path.join(list(spec.submodule_search_locations)[0], f"{stem}.py")
+    try:
+        file_spec = importlib.util.spec_from_file_location(f"_fastclip_open_clip_{stem}", path)
+        mod = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(mod)
+    except Exception as exc:  # a missing dependency (ftfy, regex) or a renamed file: say which
+        return None, f"cannot load {path}: {type(exc).__name__}: {exc}"
+    return mod, None

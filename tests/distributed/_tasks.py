@@ -6,7 +6,6 @@ takes its own rows, so the test process can rebuild the concatenated batch for t
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -22,6 +21,7 @@ from fastclip.ops import (
     distributed_siglip_loss,
     siglip_loss_reference,
 )
+from fastclip.testing import load_open_clip_file
 
 D_IMG_IN, D_TXT_IN, D_EMB = 12, 10, 8
 SCALE, BIAS = 9.0, -4.0
@@ -29,17 +29,7 @@ SCALE, BIAS = 9.0, -4.0
 
 def open_clip_loss_module():
     """open_clip's loss.py loaded on its own (its package import needs torchvision), or None."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", f"{spec.submodule_search_locations[0]}/loss.py")
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception:
-        return None
-    return mod
-
+    return load_open_clip_file("loss")[0]
 
 def rows(counts, rank) -> slice:
     off = sum(counts[:rank])

@@ -1,5 +1,4 @@
 """fastclip.ClipLoss / SigLipLoss: drop-in replacements for open_clip's losses."""
-import importlib.util
 import inspect
 import math
 
@@ -8,23 +7,11 @@ import torch
 
 import fastclip
 from fastclip.ops import clip_loss, siglip_loss
-from fastclip.testing import assert_close
+from fastclip.testing import assert_close, load_open_clip_file
 
 
 def _open_clip_loss_module():
-    """open_clip's loss.py, loaded on its own (open_clip's package import needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = f"{spec.submodule_search_locations[0]}/loss.py"
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception:
-        return None
-    return mod
-
+    return load_open_clip_file("loss")[0]
 
 OC = _open_clip_loss_module()
 needs_open_clip = pytest.mark.skipif(OC is None, reason="open-clip-torch is not installed")
