@@ -15,6 +15,8 @@ import importlib.util
 import sys
 import types
 
+from fastclip.testing import load_open_clip_file
+
 _PKG = "_fastclip_test_open_clip"
 
 
@@ -57,23 +59,9 @@ def open_clip_model_module():
     return mod, None
 
 
-@functools.lru_cache(maxsize=None)
 def open_clip_tokenizer_module():
     """(open_clip's ``tokenizer`` module loaded standalone, None) or (None, reason)."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError) as exc:
-        return None, f"open_clip not found: {exc}"
-    if spec is None or not spec.submodule_search_locations:
-        return None, "open-clip-torch is not installed"
-    path = f"{list(spec.submodule_search_locations)[0]}/tokenizer.py"
-    try:
-        tspec = importlib.util.spec_from_file_location("_fastclip_test_open_clip_tokenizer", path)
-        mod = importlib.util.module_from_spec(tspec)
-        tspec.loader.exec_module(mod)
-    except Exception as exc:  # needs ftfy and regex
-        return None, f"cannot load {path}: {type(exc).__name__}: {exc}"
-    return mod, None
+    return load_open_clip_file("tokenizer")
 
 
 def open_clip_model(config, **kwargs):
