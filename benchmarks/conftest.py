@@ -19,8 +19,6 @@ Nothing here asserts on speed: timings on shared machines are noisy.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import platform
 import re
@@ -29,6 +27,8 @@ import time
 
 import pytest
 import torch
+
+from fastclip.testing import peak_extra_memory
 
 MiB = 2 ** 20
 
@@ -285,44 +285,17 @@ def matmul_rate(pytestconfig):
 # ----------------------------------------------------------------------------------------------
 # Peak extra memory
 # ----------------------------------------------------------------------------------------------
-def _proc_status_kb() -> dict:
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith("Vm"))}
-
-
-def _malloc_trim():
-    # Free heap pages glibc keeps after frees would make RSS_before too high (and the "extra" too low).
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def cpu_peak_extra(fn):
-    """(peak extra bytes, fn's result) of one call, from the RSS high-water mark.
-
-    torch's CPU allocations are invisible to tracemalloc, so: gc + malloc_trim, write '5' to
-    /proc/self/clear_refs (resets VmHWM to the current RSS), read VmRSS, call, read VmHWM.
-    Counts everything the call touches: workspace, saved tensors, outputs (e.g. gradients).
-    """
-    gc.collect()
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_kb()["VmRSS"]
-    out = fn()
-    hwm = _proc_status_kb()["VmHWM"]
-    return (hwm - before) * 1024, out
+    """(peak extra bytes, fn's result) of one call: fastclip.testing.peak_extra_memory on CPU."""
+    peak, out = peak_extra_memory(fn, "cpu")
+    if peak is None:
+        raise OSError("/proc/self/clear_refs is not usable here: no CPU peak-memory measurement")
+    return peak, out
 
 
 def cuda_peak_extra(fn, device="cuda"):
     """(peak extra bytes, fn's result) of one call, from the caching allocator's statistics."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before, out
+    return peak_extra_memory(fn, device)
 
 
 def cpu_memory_self_check() -> dict:

@@ -28,9 +28,7 @@ open_clip_siglip; default the first two), FASTCLIP_DIST_BENCH_TIMEOUT (seconds, 
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
-import gc
 import json
 import os
 import platform
@@ -42,7 +40,7 @@ import traceback
 
 import pytest
 import torch
-from fastclip.testing import load_open_clip_file
+from fastclip.testing import load_open_clip_file, peak_extra_memory
 
 MiB = 2 ** 20
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -56,38 +54,9 @@ TARGET_TIME_RATIO = 1.1
 # ----------------------------------------------------------------------------------------------
 # Memory (one call's peak extra)
 # ----------------------------------------------------------------------------------------------
-def _status_kb() -> dict:
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith("Vm"))}
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _peak_extra(fn, device: torch.device):
     """Peak extra bytes of one call of fn (None where it cannot be measured)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kb()["VmRSS"]
-    except OSError:
-        fn()
-        return None
-    fn()
-    return (_status_kb()["VmHWM"] - before) * 1024
+    return peak_extra_memory(fn, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,33 +29,11 @@ def _matmul_rate(d: int, repeats: int = 5) -> float:
     return best_rate
 
 
-def _peak_rss_delta(fn):
-    """(result, peak RSS growth in bytes) of fn(); Linux only (None elsewhere)."""
-    try:
-        import ctypes
-        # Hand memory freed by earlier runs back to the OS, or this run would reuse it unseen.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _status("VmRSS")
-    except OSError:
-        return fn(), None
-    out = fn()
-    return out, _status("VmHWM") - before
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> None:
     import torch
 
     from .ops import clip_loss
+    from .testing import peak_extra_memory
     rate = _matmul_rate(d)
     print(f"fastclip loss demo: fp32, D={d}, {torch.get_num_threads()} threads, "
           f"measured matmul rate {rate / 1e9:.0f} GFLOP/s")
@@ -75,7 +53,7 @@ def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> 
                 loss = clip_loss(x, y, s, backend=name)
                 loss.backward()
                 return loss.item(), time.perf_counter() - t
-            (loss, secs), peak = _peak_rss_delta(step)
+            peak, (loss, secs) = peak_extra_memory(step)
             values[name] = (loss, x.grad)
             mb = f"{peak / 2**20:8.0f}" if peak is not None else "       -"
             print(f"{n:6d} {name:>10} {loss:10.5f} {secs:10.3f} {secs / floor:8.2f} "

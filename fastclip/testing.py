@@ -1,7 +1,9 @@
 """Helpers for comparing an op against its reference twin (used by fastclip's tests, usable by yours)."""
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import importlib.util
 import os
 from typing import Optional
@@ -64,21 +66,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[t
             f"(allowed {allowed.reshape(-1)[idx].item():.3g}); max |diff| overall {err.max().item():.3g}")
 
 
-@functools.lru_cache(maxsize=None)
-def load_open_clip_file(stem: str):
-    """One file of an installed open_clip, e.g. ``"loss"`` or ``"tokenizer"``, loaded on its own.
-
-    ``import open_clip`` needs torchvision (which has no CPU build here); its loss and tokenizer
-    files import only torch (and ftfy/regex), so tests and benchmarks compare against the real
-    open_clip code this way.  Returns ``(module, None)`` or ``(None, reason it cannot be loaded)``.
-    """
+def open_clip_dir():
+    """``(folder of the installed open_clip package, None)`` or ``(None, reason)``, found without
+    importing it (``import open_clip`` needs torchvision, which has no CPU build here)."""
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError) as exc:
         return None, f"open_clip not found: {exc}"
     if spec is None or not spec.submodule_search_locations:
         return None, "open_clip is not installed (pip install --no-deps open-clip-torch)"
-    path = os.path.join(list(spec.submodule_search_locations)[0], f"{stem}.py")
+    return list(spec.submodule_search_locations)[0], None
+
+
+@functools.lru_cache(maxsize=None)
+def load_open_clip_file(stem: str):
+    """One file of an installed open_clip, e.g. ``"loss"`` or ``"tokenizer"``, loaded on its own.
+
+    Its loss and tokenizer files import only torch (and ftfy/regex), so tests and benchmarks compare
+    against the real open_clip code this way.  Returns ``(module, None)`` or ``(None, reason)``.
+    """
+    root, why = open_clip_dir()
+    if root is None:
+        return None, why
+    path = os.path.join(root, f"{stem}.py")
     try:
         file_spec = importlib.util.spec_from_file_location(f"_fastclip_open_clip_{stem}", path)
         mod = importlib.util.module_from_spec(file_spec)
@@ -86,3 +96,41 @@ def load_open_clip_file(stem: str):
     except Exception as exc:  # a missing dependency (ftfy, regex) or a renamed file: say which
         return None, f"cannot load {path}: {type(exc).__name__}: {exc}"
     return mod, None
+
+
+def _proc_status_kb() -> dict:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith("Vm"))}
+
+
+def peak_extra_memory(fn, device=None):
+    """``(peak extra bytes, fn's result)`` of one call of ``fn``.
+
+    CUDA: the caching allocator's peak above what was allocated before.  CPU: torch's allocations
+    are invisible to tracemalloc, so the RSS high-water mark is used: gc and malloc_trim (memory
+    glibc kept after earlier frees would be reused unseen), reset VmHWM by writing 5 to
+    /proc/self/clear_refs, then VmHWM after the call minus VmRSS before.  It counts everything the
+    call touches (workspace, saved tensors, outputs such as gradients).  The bytes are None where
+    /proc cannot be used (not Linux, or a sandbox that forbids clear_refs).
+    """
+    gc.collect()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, out
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_kb()["VmRSS"]
+    except OSError:
+        return None, fn()
+    out = fn()
+    return (_proc_status_kb()["VmHWM"] - before) * 1024, out

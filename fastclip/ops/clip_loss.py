@@ -65,7 +65,7 @@ def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunked engine: PyTorch tiles, runs on any device.
+# Chunked engine: PyTorch tiles (CPU and CUDA).
 # ----------------------------------------------------------------------------------------------
 def default_chunk_size(device: torch.device) -> int:
     # CPU: square 1024-tiles keep BLAS near its peak (a 512 x 16384 slab runs ~40% slower) and the
@@ -75,9 +75,9 @@ def default_chunk_size(device: torch.device) -> int:
 
 def _mm_dtype(t: torch.Tensor) -> torch.dtype:
     # CPU BLAS is fastest (and exact enough) in fp32; on GPUs low precision uses the tensor cores.
-    if t.device.type == "cpu" or t.dtype == torch.float64:
-        return torch.float32 if t.dtype != torch.float64 else torch.float64
-    return t.dtype
+    if t.dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if t.device.type == "cpu" else t.dtype
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -90,11 +90,11 @@ def _tile_logits(a_blk: torch.Tensor, b_blk: torch.Tensor, scale: float, acc: to
     return z.mul_(scale)
 
 
-def _stat_dtype(t: torch.Tensor) -> torch.dtype:
-    # Log-sum-exp statistics are kept in fp64: an fp32 lse of size ~400 carries an ulp of 3e-5,
-    # which exp(z - lse) would turn into a 3e-5 relative error on every probability.  The vectors
-    # are O(N), so the precision is free; the tiles stay in fp32 (see _sub_stat).
-    return torch.float64
+# Log-sum-exp statistics are kept in fp64: an fp32 lse of size ~400 carries an ulp of 3e-5, which
+# exp(z - lse) would turn into a 3e-5 relative error on every probability.  The vectors are O(N),
+# so the precision is free; the tiles stay in fp32 (see _sub_stat).  The distributed loss exchanges
+# its cross-rank statistics in the same dtype.
+STAT_DTYPE = torch.float64
 
 
 def _sub_stat(z: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def chunked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, chunk: int) -> t
     columns).  Returns (row_lse [M], col_lse [K]) in fp64; col_lse covers only the M rows given
     (merge partials with a logsumexp).
     """
-    acc, mmd, st = _acc_dtype(a), _mm_dtype(a), _stat_dtype(a)
+    acc, mmd, st = _acc_dtype(a), _mm_dtype(a), STAT_DTYPE
     M, K = a.shape[0], b.shape[0]
     row_lse = torch.empty(M, device=a.device, dtype=st)
     col_lse = torch.full((K,), -math.inf, device=a.device, dtype=st)
@@ -287,8 +287,8 @@ def _run_engine(engine):
 
 def _triton_check(device=None, dtype=None, **_):
     if device is not None and device.type == "cpu" and not dispatch.triton_interpreter():
-        return ["CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before the first "
-                "kernel call; it is for testing, far slower than the chunked backend)"]
+        return ["CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
+                "first imported; it is for testing, far slower than the chunked backend)"]
     if device is not None and device.type == "cuda" and dispatch.triton_interpreter():
         return ["TRITON_INTERPRET=1 is set: the interpreter cannot run CUDA tensors"]
     return []

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from . import dispatch
 from ._checks import _FLOATS, as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
 from .clip_loss import (
+    STAT_DTYPE,
     ClipLossFunction,
     _acc_dtype,
     _auto_skip,
@@ -115,7 +116,6 @@ __all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInput
 CLIP_MODES = ("lean", "gather", "local")
 _CLIP_ENGINES = {"chunked": _ChunkedEngine, "triton": _TritonEngine}
 _SIGLIP_ENGINES = {"chunked": _ChunkedSweep, "triton": _TritonSweep}
-_STAT = torch.float64  # cross-rank statistics: O(N) values, so full precision costs nothing
 # Column statistic that switches off the column half of P = exp(z - r) + exp(z - c) (row-only CE).
 # Finite on purpose: inf - inf would be NaN in the split fp64 -> fp32 subtraction of the engines.
 _NO_COLUMN_TERM = 1e30
@@ -372,7 +372,7 @@ def _gathered(x, layout, group, *, with_grad: bool, keep_local: bool) -> torch.T
 
 
 def _scalar_allreduce(values: Sequence, group, device) -> list:
-    t = torch.stack([torch.as_tensor(v, dtype=_STAT, device=device).reshape(()) for v in values])
+    t = torch.stack([torch.as_tensor(v, dtype=STAT_DTYPE, device=device).reshape(()) for v in values])
     dist.all_reduce(t, group=group)
     return list(t.unbind(0))
 
@@ -395,22 +395,22 @@ class DistributedClipLossFunction(torch.autograd.Function):
         blocks = [None] * P
         works = [_broadcast_block(blocks, q, b_own, layout, group) for q in range(P)]
         row_lse = None
-        col_part = torch.empty(N, dtype=_STAT, device=a.device)
+        col_part = torch.empty(N, dtype=STAT_DTYPE, device=a.device)
         for q in [r] + [q for q in range(P) if q != r]:  # own block first, the others as they arrive
             if q != r:
                 works[q].wait()
             rq, cq = engine.lse(a, blocks[q], s, chunk)
             st = rq.dtype
-            rq = rq.to(_STAT)
+            rq = rq.to(STAT_DTYPE)
             row_lse = rq if row_lse is None else torch.logaddexp(row_lse, rq)
             col_part[layout.rows(q)] = cq
         works[r].wait()  # our own block's broadcast (it only reads b_own)
         col_max = col_part.clone()
         dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
         diag = _rowdot_sum(a, b_own, acc, chunk)
-        parts = [torch.exp(col_part - col_max), row_lse.sum().reshape(1), diag.to(_STAT).reshape(1)]
+        parts = [torch.exp(col_part - col_max), row_lse.sum().reshape(1), diag.to(STAT_DTYPE).reshape(1)]
         if eps:
-            parts += [a.sum(dim=0, dtype=_STAT), b_own.sum(dim=0, dtype=_STAT)]
+            parts += [a.sum(dim=0, dtype=STAT_DTYPE), b_own.sum(dim=0, dtype=STAT_DTYPE)]
         packed = torch.cat(parts)
         dist.all_reduce(packed, group=group)
         col_lse = col_max + packed[:N].log()
@@ -484,12 +484,12 @@ class _RowCrossEntropy(torch.autograd.Function):
         s = float(scale_t)
         row_lse, _ = engine.lse(a, b, s, chunk)
         target = b[offset:offset + M]
-        lin_raw = (1.0 - eps) * _rowdot_sum(a, target, acc, chunk).to(_STAT)
+        lin_raw = (1.0 - eps) * _rowdot_sum(a, target, acc, chunk).to(STAT_DTYPE)
         sa = sb = None
         if eps:
-            sa, sb = a.sum(dim=0, dtype=_STAT), b.sum(dim=0, dtype=_STAT)
+            sa, sb = a.sum(dim=0, dtype=STAT_DTYPE), b.sum(dim=0, dtype=STAT_DTYPE)
             lin_raw = lin_raw + (eps / K) * torch.dot(sa, sb)
-        loss = (row_lse.to(_STAT).sum() - s * lin_raw) / M
+        loss = (row_lse.to(STAT_DTYPE).sum() - s * lin_raw) / M
         ctx.save_for_backward(a, b, scale_t, row_lse)
         ctx.extra = (offset, eps, chunk, engine, lin_raw, sa, sb)
         return loss.to(torch.promote_types(a.dtype, torch.float32))
@@ -544,11 +544,12 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
     their owners during the sweep.  Backward only scales (plus one scalar all-reduce)."""
 
     @staticmethod
-    def forward(ctx, a, b, scale_t, bias_t, chunk, engine, layout, group):
+    def forward(ctx, a, b, scale_t, bias_t, chunk, engine, layout, group, needs):
+        # needs: computed by the caller with grad mode (ctx.needs_input_grad ignores no_grad), the
+        # same flags the agreement compared, so every rank takes the same collective path.
         P, r, N = layout.world, layout.rank, layout.total
         acc = _acc_dtype(a)
         s, c = float(scale_t), float(bias_t)
-        needs = ctx.needs_input_grad[:4]
         need = any(needs)
         b_own = b.detach().contiguous()
         blocks, works = [None] * P, [None] * P
@@ -559,8 +560,8 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
 
         start(0)
         start(1)
-        total = torch.zeros((), dtype=_STAT, device=a.device)
-        sig_sum = torch.zeros((), dtype=_STAT, device=a.device)
+        total = torch.zeros((), dtype=STAT_DTYPE, device=a.device)
+        sig_sum = torch.zeros((), dtype=STAT_DTYPE, device=a.device)
         ga = None
         red = _Reducer(layout, group) if needs[1] else None
         for q in range(P):  # the same order on every rank: broadcasts and reduces must match
@@ -571,9 +572,9 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
             if q == r:
                 works[q].wait()  # our own block's broadcast (it only reads b_own)
             blocks[q] = works[q] = None  # not kept: SigLIP's gradients are complete after the sweep
-            total += t_q.to(_STAT)
+            total += t_q.to(STAT_DTYPE)
             if need:
-                sig_sum += sig_q.to(_STAT)
+                sig_sum += sig_q.to(STAT_DTYPE)
                 ga = ga_q if ga is None else ga.add_(ga_q)
                 if needs[1]:
                     red.add(q, gb_q)
@@ -613,7 +614,7 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
             out[2] = gs * grad_out.to(gs.dtype)
         if gc is not None:
             out[3] = gc * grad_out.to(gc.dtype)
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,5 +777,6 @@ def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backe
         aa = _GatherWithGrad.apply(a, layout, group)
         bb = _GatherWithGrad.apply(b, layout, group)
         return siglip_loss_reference(aa, bb, scale_t.to(a.dtype), bias_t.to(a.dtype))
+    needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
     return DistributedSigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine,
-                                               layout, group)
+                                               layout, group, needs)

@@ -93,26 +93,29 @@ class _TritonSweep:
 
 
 class SigLipLossFunction(torch.autograd.Function):
-    """forward(a, b, logit_scale (0-dim fp32), logit_bias (0-dim fp32), chunk, engine) -> loss."""
+    """forward(a, b, logit_scale (0-dim fp32), logit_bias (0-dim fp32), chunk, engine, needs) -> loss.
+
+    ``needs``: which of the four inputs need a gradient, computed by the caller where grad mode is
+    visible (inside forward, ``ctx.needs_input_grad`` ignores ``torch.no_grad()``)."""
 
     @staticmethod
-    def forward(ctx, a, b, scale_t, bias_t, chunk, engine):
+    def forward(ctx, a, b, scale_t, bias_t, chunk, engine, needs):
         n = a.shape[0]
         acc = _acc_dtype(a)
         s, c = float(scale_t), float(bias_t)
-        need = any(ctx.needs_input_grad[:4])
+        need = any(needs)
         total, ga, gb, sig_sum = engine.sweep(a, b, s, c, chunk, need)
         diag = _rowdot_sum(a, b, acc, chunk)
         loss = (total - s * diag - n * c) / n
         if need:
             grads = [None] * 4
-            if ctx.needs_input_grad[2]:
+            if needs[2]:
                 grads[2] = ((_rowdot_sum(a, ga, acc, chunk) - diag) / n).to(scale_t.dtype)
-            if ctx.needs_input_grad[3]:
+            if needs[3]:
                 grads[3] = ((sig_sum - n) / n).to(bias_t.dtype)
-            if ctx.needs_input_grad[0]:
+            if needs[0]:
                 grads[0] = ga.sub_(b.to(acc)).mul_(s / n)
-            if ctx.needs_input_grad[1]:
+            if needs[1]:
                 grads[1] = gb.sub_(a.to(acc)).mul_(s / n)
             ctx.grads = grads
             ctx.dtypes = (a.dtype, b.dtype)
@@ -124,7 +127,7 @@ class SigLipLossFunction(torch.autograd.Function):
         # Out of place: the stored gradients must survive a second backward (retain_graph=True).
         out = [None if grad is None else grad * grad_out.to(grad.dtype) for grad in ctx.grads]
         out[:2] = [None if x is None else x.to(dt) for x, dt in zip(out[:2], ctx.dtypes)]
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
 def _run_reference(a, b, scale_t, bias_t, chunk):
@@ -133,7 +136,8 @@ def _run_reference(a, b, scale_t, bias_t, chunk):
 
 def _run_engine(engine):
     def run(a, b, scale_t, bias_t, chunk):
-        return SigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine)
+        needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
+        return SigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine, needs)
     return run
 
 

@@ -62,9 +62,10 @@ def test_two_object_captions_are_compositional(tmp_path):
     assert not any(" above " in c or " below " in c for c in caps1)
 
 
-def test_ten_thousand_samples_at_64px_in_under_a_minute(tmp_path):
+def test_ten_thousand_samples_at_64px(tmp_path):
+    # Its speed (the issue asks for under a minute) is measured in benchmarks/test_data_bench.py.
     meta = make_shapes_dataset(str(tmp_path), 10000, 64, seed=0, caption_noise=0.2)
-    assert meta["num_samples"] == 10000 and meta["seconds"] < 60, meta["seconds"]
+    assert meta["num_samples"] == 10000
     assert len(os.listdir(tmp_path)) == 11  # 10 shards + meta.json
 
 

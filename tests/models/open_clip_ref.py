@@ -15,7 +15,7 @@ import importlib.util
 import sys
 import types
 
-from fastclip.testing import load_open_clip_file
+from fastclip.testing import load_open_clip_file, open_clip_dir
 
 _PKG = "_fastclip_test_open_clip"
 
@@ -23,13 +23,9 @@ _PKG = "_fastclip_test_open_clip"
 @functools.lru_cache(maxsize=None)
 def open_clip_model_module():
     """(open_clip's ``model`` module, None) or (None, reason it cannot be loaded)."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError) as exc:
-        return None, f"open_clip not found: {exc}"
-    if spec is None or not spec.submodule_search_locations:
-        return None, "open-clip-torch is not installed (pip install open-clip-torch --no-deps is enough)"
-    root = list(spec.submodule_search_locations)[0]
+    root, why = open_clip_dir()
+    if root is None:
+        return None, why
     fakes = {}
     if importlib.util.find_spec("torchvision") is None:
         tv, ops, misc = (types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc"))

@@ -66,10 +66,12 @@ def test_gradients_match_nn_multihead_attention():
 @pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.triton_interpreter()),
                     reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_triton_backend_through_the_module():
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only via the interpreter
     ours, _ = pair(causal=True)
-    tri = MultiheadSelfAttention(E, H, causal=True, backend="triton")
+    ours = ours.to(dev)
+    tri = MultiheadSelfAttention(E, H, causal=True, backend="triton").to(dev)
     tri.load_state_dict(ours.state_dict())
-    x = torch.randn(1, 77, E, requires_grad=True)
+    x = torch.randn(1, 77, E, device=dev, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = tri(x), ours(x2)
     assert_close(y, y2, torch.float32, "out")

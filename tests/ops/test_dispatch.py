@@ -57,8 +57,9 @@ def test_dtype_refusal_lists_every_backend():
         clip_loss(a, a, 1.0, backend="triton")
 
 
-def test_no_backend_message_lists_all_reasons():
+def test_no_backend_message_lists_all_reasons(monkeypatch):
     reg = "_test_only_op"
+    monkeypatch.setitem(dispatch._REGISTRY, reg, [])  # removed again after the test
     dispatch.register(reg, dispatch.Backend("a", lambda: None, devices=("cuda",)))
     dispatch.register(reg, dispatch.Backend("b", lambda: None, packages=("surely_not_a_package_xyz",)))
     with pytest.raises(dispatch.BackendError) as exc:

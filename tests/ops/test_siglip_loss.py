@@ -1,4 +1,6 @@
 """siglip_loss: chunked against the reference for the loss and all four gradients."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -92,3 +94,18 @@ def test_chunked_hypothesis(n, d, chunk, scale, bias, seed):
     want = run(a, b, scale, bias, backend="reference")
     got = run(a, b, scale, bias, backend="chunked", chunk_size=chunk)
     compare(got, want, torch.float64, floors(a, b, scale))
+
+
+def test_no_grad_mode_skips_gradient_work(monkeypatch):
+    # Inside autograd.Function.forward, needs_input_grad ignores torch.no_grad(); the op must not
+    # form gradients for an evaluation call on inputs that require grad.
+    mod = importlib.import_module("fastclip.ops.siglip_loss")
+    calls = []
+    orig = mod.chunked_siglip_sweep
+    monkeypatch.setattr(mod, "chunked_siglip_sweep", lambda *a: calls.append(a[-1]) or orig(*a))
+    a, b = make(12, 8, torch.float32)
+    a.requires_grad_()
+    with torch.no_grad():
+        siglip_loss(a, b, 10.0, -10.0, backend="chunked")
+    siglip_loss(a, b, 10.0, -10.0, backend="chunked")
+    assert calls == [False, True]
