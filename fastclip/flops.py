@@ -13,7 +13,11 @@ Conventions (stated once, used everywhere):
   O(tokens x width), under 1% of the total for these configs).
 * Patch masking applied: a ViT's blocks see 1 + K tokens, K = ``fastclip.ops.patch_mask.num_kept``
   (N, mask_ratio); the patch embedding still runs on all N patches (masking happens after it).
-* What fastclip runs, which is what it counts: the class-token LayerNorm and projection only, the
+* The text tower is counted at the full context length (77 tokens), a data-independent
+  convention comparable with published counts; fastclip's text encoder skips the padding after
+  the batch's last end token, so on short captions it runs fewer FLOPs than counted.
+* Where fastclip's forward is leaner than a generic one, the count follows it: the class-token
+  LayerNorm and projection only, the
   text projection on the end-of-text token only, the ResNet attention pool with its single query.
 * A training step (forward + backward) costs about 3x the forward.
 

@@ -93,13 +93,23 @@ class AugmentConfig:
             self.view = AugmentConfig.from_name("clip_aug", image_size=self.image_size)
 
     @classmethod
-    def from_name(cls, name: str, image_size: int = 224, train: bool = True, **overrides) -> "AugmentConfig":
-        """A preset (``clip``, ``clip_aug``, ``simclr``) with knobs overridden by keyword.
+    def from_name(cls, name, image_size: Optional[int] = None, train: bool = True,
+                  **overrides) -> "AugmentConfig":
+        """A preset (``clip``, ``clip_aug``, ``simclr``) or an AugmentConfig, with knobs overridden.
 
-        ``train=False`` gives the evaluation transform (resize + centre crop, no colour) of any preset.
+        ``image_size``: None keeps the instance's size (224 for a preset name).  ``train=False``
+        gives the evaluation transform (resize + centre crop, no colour) of any preset or config,
+        keeping its interpolation and normalisation.
         """
         if isinstance(name, AugmentConfig):
-            return dataclasses.replace(name, **overrides) if overrides else name
+            if image_size is not None:
+                overrides["image_size"] = image_size
+            cfg = dataclasses.replace(name, **overrides) if overrides else name
+            if not train:
+                cfg = cls(preset=cfg.preset, image_size=cfg.image_size, interpolation=cfg.interpolation,
+                          mean=cfg.mean, std=cfg.std)
+            return cfg
+        image_size = 224 if image_size is None else image_size
         if name not in PRESETS:
             raise ValueError(f"augment preset must be one of {PRESETS}, got {name!r}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

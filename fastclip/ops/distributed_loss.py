@@ -170,11 +170,14 @@ def _backend_name(group) -> str:
     return str(dist.get_backend(group)).lower()
 
 
-def _stat_device(group, like) -> torch.device:
+def _stat_device(group) -> torch.device:
+    # Chosen from the group's backend alone, never from this rank's inputs: in a mixed group
+    # ("cpu:gloo,cuda:nccl") a rank given CPU features and one given CUDA features would otherwise
+    # enter the agreement through different backends and wait for each other forever.
     backend = _backend_name(group)
-    if isinstance(like, torch.Tensor) and like.device.type == "cuda" and "nccl" in backend:
-        return like.device
-    if backend == "nccl":
+    if "gloo" in backend:
+        return torch.device("cpu")
+    if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -209,7 +212,7 @@ def _agree(op: str, group, error: Optional[BaseException], n: int, fields: Seque
     ``width`` (the number of fields) is fixed per op: a rank whose inputs failed its local checks
     has no fields to send but must still send a table of the same size."""
     rank, size = _group_rank_and_size(group)
-    dev = _stat_device(group, like)
+    dev = _stat_device(group)
     if error is None and len(fields) != width:
         raise AssertionError(f"{op}: {len(fields)} agreement fields, expected {width}")
     table = torch.zeros(size, 2 + width, dtype=torch.float64, device=dev)

@@ -12,7 +12,8 @@ Which K patches are kept (every mode keeps exactly K, so all modes cost the same
 
 * ``random`` (FLIP, MAE): the K patches with the smallest uniform noise, independently per sample.
 * ``grid`` (CLIPA): a regular lattice.  The (gh, gw) patch grid is tiled by windows of (wh, ww)
-  with wh * ww = round(N / K) (as square as possible, wh >= ww, e.g. ratio 0.75 -> 2 x 2,
+  whose product wh * ww is the one closest to N / K among near-square windows
+  (ww <= wh <= ww + 1, e.g. ratio 0.75 -> 2 x 2,
   0.5 -> 2 x 1, 0.89 -> 3 x 3) and the patch at the same offset (oh, ow) of every window is kept;
   the offset is drawn per sample.  When the lattice does not hold exactly K patches (the grid is
   not a multiple of the window, or N / K is not an integer) it is trimmed, or topped up, with

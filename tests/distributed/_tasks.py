@@ -81,12 +81,31 @@ def loss_and_grads(counts, d, seed, case, groups=None):
 
 
 def no_grad_forward(counts, d, seed):
-    """Evaluation (torch.no_grad) runs the forward collectives only, and agrees with training."""
+    """Evaluation (torch.no_grad) runs the forward collectives only, and agrees with training.
+
+    The inputs require grad (text features only on rank 1): grad mode, not requires_grad, must
+    decide whether gradients are formed, or the ranks would take different collective paths.
+    Returns the two losses and how many SigLIP sweeps were asked for gradients (must be 0)."""
+    import importlib
+    mod = importlib.import_module("fastclip.ops.distributed_loss")
+    engine = mod._SIGLIP_ENGINES["chunked"]
+    orig, grad_sweeps = engine.sweep, []
+
+    def counting(a, b, scale, bias, chunk, need_grads):
+        grad_sweeps.append(bool(need_grads))
+        return orig(a, b, scale, bias, chunk, need_grads)
+
     A, B = features(counts, d, seed)
     sl = rows(counts, dist.get_rank())
-    with torch.no_grad():
-        return [distributed_clip_loss(A[sl], B[sl], SCALE).item(),
-                distributed_siglip_loss(A[sl], B[sl], SCALE, BIAS).item()]
+    a = A[sl].clone().requires_grad_()
+    b = B[sl].clone().requires_grad_(dist.get_rank() == 1)
+    engine.sweep = staticmethod(counting)
+    try:
+        with torch.no_grad():
+            return [distributed_clip_loss(a, b, SCALE).item(),
+                    distributed_siglip_loss(a, b, SCALE, BIAS).item(), sum(grad_sweeps)]
+    finally:
+        engine.sweep = staticmethod(orig)
 
 
 # ----------------------------------------------------------------------------------------------

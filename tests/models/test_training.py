@@ -61,12 +61,20 @@ def test_grad_checkpointing_same_grads_and_recomputes(kind):
         assert_close(grads1[k], grads0[k], torch.float32, what=k)
 
 
-def test_grad_checkpointing_is_off_without_grad():
+def test_grad_checkpointing_is_off_without_grad(monkeypatch):
+    import importlib
+    encoders = importlib.import_module("fastclip.nn.encoders")
+    calls = []
+    orig = encoders.checkpoint
+    monkeypatch.setattr(encoders, "checkpoint", lambda *a, **k: calls.append(1) or orig(*a, **k))
     model = create_model("ViT-Ti-16", **TINY_VIT).set_grad_checkpointing(True)
     images, tokens = _batch()
     with torch.no_grad():
         out = model(images, tokens)
     assert out["image_features"].shape == (4, 32)
+    assert calls == [], "checkpoint ran under no_grad"
+    model(images, tokens)  # with grad: every block goes through checkpoint
+    assert len(calls) == len(model.transformer.resblocks) + len(model.visual.transformer.resblocks)
 
 
 def _compile_check(model, backend, backward=False):
