@@ -62,9 +62,6 @@ def _peak_extra(fn, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # The losses
 # ----------------------------------------------------------------------------------------------
-def _open_clip_loss_module():
-    return load_open_clip_file("loss")[0]
-
 def _make_loss(provider: str, rank: int, world: int):
     """(loss(a, b, scale, bias) callable, None) or (None, reason it cannot run)."""
     import fastclip
@@ -75,9 +72,9 @@ def _make_loss(provider: str, rank: int, world: int):
     if provider == "fastclip_siglip":
         fn = fastclip.SigLipLoss(rank=rank, world_size=world)
         return fn, None
-    oc = _open_clip_loss_module()
+    oc, why = load_open_clip_file("loss")
     if oc is None:
-        return None, "open_clip's loss.py cannot be loaded (open-clip-torch not installed?)"
+        return None, why
     if provider == "open_clip_local_gwg":
         fn = oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
         return (lambda a, b, s, c: fn(a, b, s)), None

@@ -17,7 +17,6 @@ training step.  Tokenisation is one batched call per batch.
 """
 from __future__ import annotations
 
-import os
 import queue
 import random
 import threading
@@ -71,16 +70,7 @@ def select_backend(backend: Optional[str] = "auto", device=None, dtype: torch.dt
     ``chunked``, meaningless here).  Raises ``BackendError`` with every backend's reason.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    requested = backend if backend not in (None, "auto") else os.environ.get(_ENV) or "auto"
-    if requested != "auto":
-        return dispatch.select(_OP, requested, device=device, dtype=dtype)
-    refusals = []
-    for b in dispatch.backends(_OP):
-        why = b.reasons(device=device, dtype=dtype)
-        if not why:
-            return b
-        refusals.append(f"  {b.name}: " + "; ".join(why))
-    raise dispatch.BackendError(f"{_OP}: no backend can run here:\n" + "\n".join(refusals))
+    return dispatch.select(_OP, backend, device=device, dtype=dtype, env=_ENV)
 
 
 def backend_reasons(device="cpu", dtype: torch.dtype = torch.float32) -> dict:
@@ -91,12 +81,8 @@ def backend_reasons(device="cpu", dtype: torch.dtype = torch.float32) -> dict:
 
 def default_tokenizer(model: str = "ViT-B-32") -> Callable:
     """``fastclip.get_tokenizer(model)``: texts -> LongTensor [B, 77]."""
-    import fastclip
-    get = getattr(fastclip, "get_tokenizer", None)
-    if get is None:
-        raise RuntimeError("fastclip.get_tokenizer is not available in this install; pass tokenizer= "
-                           "(a callable: list of str -> LongTensor [B, context_length])")
-    return get(model)
+    from ..tokenizer import get_tokenizer
+    return get_tokenizer(model)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -234,6 +234,12 @@ class CLIPConfig:
                "text_cfg": dataclasses.asdict(self.text_cfg)}
         if self.quick_gelu:
             out["quick_gelu"] = True
+        # Top-level fields off their defaults round-trip through from_dict (open_clip's JSON files
+        # carry init_logit_bias for SigLIP models; the others are fastclip's own).
+        for f in dataclasses.fields(self):
+            if f.name in ("init_logit_scale", "init_logit_bias", "attn_backend", "trim_text_padding") \
+                    and getattr(self, f.name) != f.default:
+                out[f.name] = getattr(self, f.name)
         if self.vision_cfg.is_resnet:
             out["vision_cfg"]["layers"] = list(self.vision_cfg.layers)
             out["vision_cfg"]["patch_size"] = None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops._checks import _FLOATS
 from ..ops.patch_mask import num_kept
 from .attention import MultiheadSelfAttention
 from .patch_mask import PatchMasking
@@ -39,7 +40,6 @@ from .patch_mask import PatchMasking
 __all__ = ["LayerNorm", "QuickGELU", "ResidualAttentionBlock", "Transformer", "VisionTransformer",
            "TextTransformer", "TextTower", "check_images", "check_tokens"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class LayerNorm(nn.LayerNorm):

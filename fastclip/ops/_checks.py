@@ -12,6 +12,8 @@ import torch
 Scalar = Union[float, int, torch.Tensor]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Devices a plain-PyTorch backend (reference, sdpa, gather) declares: it runs wherever torch does.
+_ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
 
 
 def _shape(t: torch.Tensor) -> tuple:

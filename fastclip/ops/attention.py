@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from ._checks import _ANY_DEVICE, _FLOATS
 
 __all__ = [
     "attention",
@@ -67,8 +68,6 @@ __all__ = [
 OP = "attention"
 TRITON_MAX_HEAD_DIM = 128
 FLASH_MAX_HEAD_DIM = 256
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
 
 
 # ----------------------------------------------------------------------------------------------

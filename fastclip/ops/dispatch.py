@@ -96,16 +96,18 @@ def all_ops() -> list[str]:
 
 
 def select(op: str, backend: Optional[str] = "auto", *, device: Optional[torch.device] = None,
-           dtype: Optional[torch.dtype] = None, auto_skip: Sequence[str] = (), **inputs) -> Backend:
+           dtype: Optional[torch.dtype] = None, auto_skip: Sequence[str] = (), env: str = _ENV,
+           **inputs) -> Backend:
     """Pick the backend for ``op``.
 
-    ``backend``: a backend name, or "auto"/None (then ``FASTCLIP_BACKEND`` if set, else the first
-    usable backend that is not in ``auto_skip``).  Raises :class:`BackendError` with every reason.
+    ``backend``: a backend name, or "auto"/None (then the environment variable ``env`` if set,
+    ``FASTCLIP_BACKEND`` by default, else the first usable backend that is not in ``auto_skip``).
+    Raises :class:`BackendError` with every reason.
     """
     candidates = backends(op)
     names = [b.name for b in candidates]
-    requested = backend if backend not in (None, "auto") else os.environ.get(_ENV) or "auto"
-    source = "backend=" if backend not in (None, "auto") else f"{_ENV}="
+    requested = backend if backend not in (None, "auto") else os.environ.get(env) or "auto"
+    source = "backend=" if backend not in (None, "auto") else f"{env}="
     if requested != "auto":
         if requested not in names:
             raise ValueError(f"{source}{requested!r} is not a backend of {op}; choose one of {names} or 'auto'")

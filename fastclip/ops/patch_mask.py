@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import dispatch
+from ._checks import _ANY_DEVICE, _FLOATS
 
 __all__ = [
     "patch_mask",
@@ -60,8 +61,6 @@ __all__ = [
 
 OP = "patch_mask"
 MODES = ("random", "grid", "block")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
 
 
 # ----------------------------------------------------------------------------------------------

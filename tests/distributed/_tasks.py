@@ -27,9 +27,6 @@ D_IMG_IN, D_TXT_IN, D_EMB = 12, 10, 8
 SCALE, BIAS = 9.0, -4.0
 
 
-def open_clip_loss_module():
-    """open_clip's loss.py loaded on its own (its package import needs torchvision), or None."""
-    return load_open_clip_file("loss")[0]
 
 def rows(counts, rank) -> slice:
     off = sum(counts[:rank])
@@ -140,7 +137,7 @@ def _make_loss(spec, rank, world):
     if owner == "fastclip":
         cls = {"clip": fastclip.ClipLoss, "siglip": fastclip.SigLipLoss}[kind]
     else:
-        oc = open_clip_loss_module()
+        oc, _ = load_open_clip_file("loss")
         cls = {"clip": oc.ClipLoss, "siglip": oc.SigLipLoss}[kind]
     return cls(rank=rank, world_size=world, **kwargs)
 

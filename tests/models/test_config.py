@@ -1,4 +1,5 @@
 """Named configs: open_clip's values, overrides, the JSON layout, errors."""
+import dataclasses
 import json
 import math
 import os
@@ -140,3 +141,12 @@ def test_unknown_name_suggests():
         get_model_config("ViT-B-23")
     with pytest.raises(TypeError, match="name must be a str"):
         get_model_config(None)
+
+
+def test_round_trip_keeps_top_level_fields_off_their_defaults():
+    cfg = get_model_config("ViT-Ti-16")
+    cfg = dataclasses.replace(cfg, init_logit_bias=-10.0, init_logit_scale=2.3, attn_backend="sdpa",
+                              trim_text_padding=False)
+    again = CLIPConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), name="ViT-Ti-16")
+    for name in ("init_logit_bias", "init_logit_scale", "attn_backend", "trim_text_padding"):
+        assert getattr(again, name) == getattr(cfg, name), name
