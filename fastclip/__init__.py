@@ -5,10 +5,10 @@ are loaded on first use; ``python -m fastclip.info`` reports which backends can 
 """
 __version__ = "0.1.0"
 
-from . import data, flops, ops
+from . import data, eval, flops, ops
 from .models import CLIP, CLIPConfig, create_model, list_models
 from .nn import ClipLoss, SigLipLoss
 from .tokenizer import get_tokenizer
 
 __all__ = ["ClipLoss", "SigLipLoss", "CLIP", "CLIPConfig", "create_model", "list_models", "get_tokenizer",
-           "ops", "flops", "data", "__version__"]
+           "ops", "flops", "data", "eval", "__version__"]

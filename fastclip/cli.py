@@ -107,7 +107,7 @@ def _run_data_command(args, parser) -> bool:
               f"{meta['shards_path']} in {meta['seconds']:.1f} s")
         return True
     if args.cmd == "filter":
-        from .data.filter import filter_shards
+        from .eval.filter import filter_shards
         if not 0 < args.top <= 100:
             parser.error(f"--top must be a percentage in (0, 100], got {args.top}")
         report = filter_shards(args.shards, args.out, keep=args.top / 100, model=args.model,

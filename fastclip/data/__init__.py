@@ -20,11 +20,5 @@ __all__ = [
     "ClipLoader", "make_loader", "select_backend", "backend_reasons", "default_tokenizer",
     "DataStats", "Sample", "ShardSource", "ShardWriter", "expand_shards", "iter_shard",
     "make_shapes_dataset", "render_scene", "CLASSNAMES", "TEMPLATES",
-    "filter_shards",
 ]
 
-
-def filter_shards(*args, **kwargs):
-    """See :func:`fastclip.data.filter.filter_shards` (imported on use: it needs a model)."""
-    from .filter import filter_shards as _filter
-    return _filter(*args, **kwargs)

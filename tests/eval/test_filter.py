@@ -10,7 +10,7 @@ import torch
 import fastclip
 from fastclip.cli import main as cli_main
 from fastclip.data import ShardSource, make_shapes_dataset
-from fastclip.data.filter import filter_shards
+from fastclip.eval import filter_shards
 from fastclip.data.shards import DataStats
 
 

@@ -21,17 +21,18 @@ from typing import Optional, Union
 
 import torch
 
-from .loader import ClipLoader
-from .shards import DataStats, ShardSource, ShardWriter, expand_shards
+from ..data.loader import ClipLoader
+from ..data.shards import DataStats, ShardSource, ShardWriter, expand_shards
+from ..models import create_model
+from ..tokenizer import get_tokenizer
 
 __all__ = ["score_pairs", "filter_shards", "write_histogram"]
 
 
 def _resolve_model(model, image_size: int, checkpoint: Optional[str], device: torch.device):
-    import fastclip
     if isinstance(model, torch.nn.Module):
         return model.to(device).eval()
-    m = fastclip.create_model(model, image_size=image_size, pretrained=checkpoint)
+    m = create_model(model, image_size=image_size, pretrained=checkpoint)
     return m.to(device).eval()
 
 
@@ -45,12 +46,11 @@ def score_pairs(shards, model: Union[str, torch.nn.Module] = "ViT-Ti-16", *, ima
     ``model``: a name for ``fastclip.create_model`` (with ``checkpoint`` for trained weights) or a
     model; ``tokenizer`` defaults to ``fastclip.get_tokenizer(model_name or model)``.
     """
-    import fastclip
     device = torch.device(device)
     net = _resolve_model(model, image_size, checkpoint, device)
     if tokenizer is None:
         name = model_name or (model if isinstance(model, str) else "ViT-B-32")
-        tokenizer = fastclip.get_tokenizer(name)
+        tokenizer = get_tokenizer(name)
     loader = ClipLoader(shards, batch_size, image_size=image_size, augment="clip", train=False, shuffle=0,
                         tokenizer=tokenizer, backend=backend, num_threads=num_threads, device=device,
                         rank=0, world_size=1, worker=0, num_workers=1, return_meta=True)
