@@ -1,5 +1,5 @@
 """Data: webdataset shards, the DALI and PIL loaders, augmentation presets, the built-in captioned
-dataset and quality filtering.
+dataset (quality filtering, which needs a model, is fastclip.eval).
 
 Importing this package imports neither PIL nor DALI; the loader backends are registered as the op
 ``data_loader`` in ``fastclip.ops.dispatch`` (so ``fastclip.info`` lists them with their reasons).
