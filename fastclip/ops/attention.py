@@ -226,14 +226,11 @@ def _triton_check(device=None, dtype=None, head_dim=0, head_dim_v=0, has_mask=Fa
     if head_dim > TRITON_MAX_HEAD_DIM or head_dim_v != head_dim:
         out.append(f"head dim unsupported: needs q/k and v head dims equal and <= {TRITON_MAX_HEAD_DIM}, "
                    f"got {head_dim} and {head_dim_v}")
-    if device is not None and device.type == "cpu" and not dispatch.triton_interpreter():
-        out.append("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is first "
-                   "imported; it is for testing and far slower than 'sdpa')")
-    if device is not None and device.type == "cuda":
-        if dispatch.triton_interpreter():
-            out.append("TRITON_INTERPRET=1 is set: the interpreter cannot run CUDA tensors")
-        elif dtype == torch.bfloat16 and _cuda_capability(device) < (8, 0):
-            out.append("bfloat16 tl.dot needs an sm80+ GPU")
+    device_reasons = dispatch.triton_device_reasons(device, faster="sdpa")
+    out += device_reasons
+    if not device_reasons and device is not None and device.type == "cuda" \
+            and dtype == torch.bfloat16 and _cuda_capability(device) < (8, 0):
+        out.append("bfloat16 tl.dot needs an sm80+ GPU")
     return out
 
 

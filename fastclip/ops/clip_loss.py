@@ -286,12 +286,7 @@ def _run_engine(engine):
 
 
 def _triton_check(device=None, dtype=None, **_):
-    if device is not None and device.type == "cpu" and not dispatch.triton_interpreter():
-        return ["CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
-                "first imported; it is for testing, far slower than the chunked backend)"]
-    if device is not None and device.type == "cuda" and dispatch.triton_interpreter():
-        return ["TRITON_INTERPRET=1 is set: the interpreter cannot run CUDA tensors"]
-    return []
+    return dispatch.triton_device_reasons(device, faster="chunked")
 
 
 dispatch.register("clip_loss", dispatch.Backend(

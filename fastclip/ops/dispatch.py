@@ -42,6 +42,19 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def triton_device_reasons(device: Optional[torch.device], faster: str) -> list[str]:
+    """Why a Triton backend cannot run on ``device`` (empty: it can): CPU tensors need the
+    interpreter, CUDA tensors need it off.  ``faster``: the backend to prefer on CPU."""
+    if device is None:
+        return []
+    if device.type == "cpu" and not triton_interpreter():
+        return [f"CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is first "
+                f"imported; it is for testing and far slower than '{faster}')"]
+    if device.type == "cuda" and triton_interpreter():
+        return ["TRITON_INTERPRET=1 is set: the interpreter cannot run CUDA tensors"]
+    return []
+
+
 @dataclass
 class Backend:
     """What a backend can run.  ``check`` returns extra reasons for specific inputs."""
