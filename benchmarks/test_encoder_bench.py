@@ -42,19 +42,15 @@ on a quiet run of the ViT-S-16 step, 1.2x and 1.4x while another benchmark ran o
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import os
 import statistics
-import sys
 import time
-import types
 
 import pytest
 import torch
 
 import fastclip
+from fastclip import testing
 from fastclip.flops import model_flops
 from fastclip.models import create_model, list_models
 
@@ -125,34 +121,11 @@ def pytest_generate_tests(metafunc):
 # ----------------------------------------------------------------------------------------------
 # Models (one at a time: the big configs take GBs)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def open_clip_model_module():
-    """(open_clip's model module, version, None) or (None, None, reason).  ``open_clip/model.py`` needs
-    torchvision for one name (FrozenBatchNorm2d, unused at construction); a stand-in provides it
-    for the import only, and the package directory is mounted without running its __init__."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError) as exc:
-        return None, None, f"open_clip not found: {exc}"
-    if spec is None or not spec.submodule_search_locations:
-        return None, None, "open-clip-torch is not installed (pip install open-clip-torch --no-deps is enough)"
-    fakes = {}
-    if importlib.util.find_spec("torchvision") is None:
-        tv, ops, misc = (types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc"))
-        misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (), {})
-        tv.ops, ops.misc = ops, misc
-        fakes = {"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc}
-    pkg = types.ModuleType("_fastclip_bench_open_clip")
-    pkg.__path__ = [list(spec.submodule_search_locations)[0]]
-    sys.modules.update(fakes)
-    sys.modules[pkg.__name__] = pkg
-    try:
-        mod = importlib.import_module(f"{pkg.__name__}.model")
-    except Exception as exc:  # a changed open_clip layout: skip with the reason
-        return None, None, f"cannot load open_clip/model.py: {type(exc).__name__}: {exc}"
-    finally:
-        for k in fakes:
-            sys.modules.pop(k, None)
+    """(open_clip's model module, version, None) or (None, None, reason)."""
+    mod, why = testing.open_clip_model_module()
+    if mod is None:
+        return None, None, why
     try:
         from importlib.metadata import version
         ver = version("open_clip_torch")
@@ -162,14 +135,10 @@ def open_clip_model_module():
 
 
 def _open_clip_from(model):
-    mod, _, why = open_clip_model_module()
+    mod, why = testing.open_clip_model_module()
     if mod is None:
         pytest.skip(why)
-    d = model.config.to_dict()
-    for k in ("mask_ratio", "mask_mode"):
-        d["vision_cfg"].pop(k)
-    theirs = mod.CLIP(d["embed_dim"], d["vision_cfg"], d["text_cfg"], quick_gelu=model.config.quick_gelu,
-                      output_dict=True)
+    theirs = testing.open_clip_model(model.config)
     theirs.load_state_dict(model.state_dict(), strict=True)
     return theirs
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import importlib
 import importlib.util
 import os
+import sys
+import types
 from typing import Optional
 
 import torch
@@ -134,3 +137,58 @@ def peak_extra_memory(fn, device=None):
         return None, fn()
     out = fn()
     return (_proc_status_kb()["VmHWM"] - before) * 1024, out
+
+
+# open_clip's model code as an oracle: ``open_clip/model.py`` and what it imports need torchvision
+# for one name only (``torchvision.ops.misc.FrozenBatchNorm2d``, used when freezing BatchNorm, never
+# at construction).  The installed package directory is mounted under a private package name (its
+# ``__init__`` is not run) and, only if torchvision cannot be imported, a stand-in providing that
+# one name is put in ``sys.modules`` for the import and removed afterwards.
+_OPEN_CLIP_PKG = "_fastclip_open_clip_pkg"
+
+
+@functools.lru_cache(maxsize=None)
+def open_clip_model_module():
+    """(open_clip's ``model`` module, None) or (None, reason it cannot be loaded)."""
+    root, why = open_clip_dir()
+    if root is None:
+        return None, why
+    fakes = {}
+    if importlib.util.find_spec("torchvision") is None:
+        tv, ops, misc = (types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc"))
+
+        class FrozenBatchNorm2d:  # never instantiated by model construction
+            def __init__(self, *a, **k):
+                raise RuntimeError("stand-in torchvision: FrozenBatchNorm2d is not available here")
+
+        misc.FrozenBatchNorm2d = FrozenBatchNorm2d
+        tv.ops, ops.misc = ops, misc
+        fakes = {"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc}
+    pkg = types.ModuleType(_OPEN_CLIP_PKG)
+    pkg.__path__ = [root]
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    sys.modules[_OPEN_CLIP_PKG] = pkg
+    try:
+        mod = importlib.import_module(f"{_OPEN_CLIP_PKG}.model")
+    except Exception as exc:  # a changed open_clip layout: skip with the reason
+        return None, f"cannot load open_clip/model.py: {type(exc).__name__}: {exc}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mod, None
+
+
+def open_clip_model(config, **kwargs):
+    """open_clip's CLIP built from a fastclip CLIPConfig (same widths, depths, heads, sizes)."""
+    mod, why = open_clip_model_module()
+    if mod is None:
+        raise RuntimeError(why)
+    d = config.to_dict()
+    for k in ("mask_ratio", "mask_mode"):
+        d["vision_cfg"].pop(k)
+    return mod.CLIP(d["embed_dim"], d["vision_cfg"], d["text_cfg"], quick_gelu=config.quick_gelu,
+                    output_dict=True, **kwargs)
