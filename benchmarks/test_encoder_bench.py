@@ -126,12 +126,7 @@ def open_clip_model_module():
     mod, why = testing.open_clip_model_module()
     if mod is None:
         return None, None, why
-    try:
-        from importlib.metadata import version
-        ver = version("open_clip_torch")
-    except Exception:
-        ver = "unknown"
-    return mod, ver, None
+    return mod, testing.open_clip_version(), None
 
 
 def _open_clip_from(model):

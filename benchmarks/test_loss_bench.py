@@ -61,6 +61,7 @@ import torch
 from fastclip.ops import dispatch
 from fastclip.ops.clip_loss import clip_loss
 from fastclip.ops.siglip_loss import siglip_loss
+from fastclip import testing
 from fastclip.testing import load_open_clip_file
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -158,12 +159,7 @@ def open_clip_loss_module():
     mod, why = load_open_clip_file("loss")
     if mod is None:
         return None, None, why
-    try:
-        from importlib.metadata import version
-        ver = version("open_clip_torch")
-    except Exception:
-        ver = "unknown"
-    return mod, ver, None
+    return mod, testing.open_clip_version(), None
 
 def _triton_reason(op: str, device: torch.device, dtype: torch.dtype):
     try:

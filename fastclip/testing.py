@@ -192,3 +192,12 @@ def open_clip_model(config, **kwargs):
         d["vision_cfg"].pop(k)
     return mod.CLIP(d["embed_dim"], d["vision_cfg"], d["text_cfg"], quick_gelu=config.quick_gelu,
                     output_dict=True, **kwargs)
+
+
+def open_clip_version() -> str:
+    """The installed open-clip-torch version (recorded beside benchmark comparisons), or "unknown"."""
+    try:
+        from importlib.metadata import version
+        return version("open_clip_torch")
+    except Exception:  # not installed, or metadata missing
+        return "unknown"

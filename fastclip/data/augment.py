@@ -240,6 +240,20 @@ def _colour_matrices(params: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a, k
 
 
+def blur_taps(sigma: torch.Tensor, h: int, w: int):
+    """(radius, normalised Gaussian taps [B, 2*radius+1] in float64) for per-sample ``sigma``, or
+    (0, None) when no sample is blurred.  Window 2*ceil(3*max sigma)+1, capped below the image size;
+    a sample with sigma <= 0 gets the identity tap."""
+    smax = float(sigma.max()) if sigma.numel() else 0.0
+    if smax <= 0:
+        return 0, None
+    radius = max(1, min(int(math.ceil(3 * smax)), (min(h, w) - 1) // 2))
+    pos = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (pos / sigma.to(torch.float64).clamp_min(1e-6).view(-1, 1)) ** 2)
+    identity = (pos == 0).to(torch.float64).expand_as(k)
+    return radius, torch.where(sigma.view(-1, 1) > 0, k / k.sum(1, keepdim=True), identity)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` with a per-sample ``sigma`` [B] (<= 0: unchanged).
 
@@ -248,15 +262,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     faster than a grouped convolution with one group per image and channel.
     """
     b, c, h, w = x.shape
-    smax = float(sigma.max()) if sigma.numel() else 0.0
-    if smax <= 0:
+    radius, k = blur_taps(sigma, h, w)
+    if k is None:
         return x
-    radius = max(1, min(int(math.ceil(3 * smax)), (min(h, w) - 1) // 2))
-    pos = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    s = sigma.to(torch.float64).clamp_min(1e-6).view(-1, 1)
-    k = torch.exp(-0.5 * (pos / s) ** 2)
-    k = k / k.sum(1, keepdim=True)
-    k = torch.where(sigma.view(-1, 1) > 0, k, (pos == 0).to(torch.float64).expand_as(k))
     k = k.to(device=x.device, dtype=x.dtype)
     taps = 2 * radius + 1
     xp = F.pad(x, (radius, radius, 0, 0), mode="reflect")
@@ -273,14 +281,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def gaussian_blur_reference(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """One grouped 2-D convolution per axis (the slow, obvious form): test oracle of :func:`gaussian_blur`."""
     b, c, h, w = x.shape
-    smax = float(sigma.max()) if sigma.numel() else 0.0
-    if smax <= 0:
+    radius, k = blur_taps(sigma, h, w)
+    if k is None:
         return x
-    radius = max(1, min(int(math.ceil(3 * smax)), (min(h, w) - 1) // 2))
-    pos = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (pos / sigma.to(torch.float64).clamp_min(1e-6).view(-1, 1)) ** 2)
-    identity = (pos == 0).to(torch.float64).expand_as(k)
-    k = torch.where(sigma.view(-1, 1) > 0, k / k.sum(1, keepdim=True), identity)
     weight = k.to(x.dtype).repeat_interleave(c, 0)
     y = x.reshape(1, b * c, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), weight.view(b * c, 1, 1, -1), groups=b * c)

@@ -135,3 +135,18 @@ def test_config_instance_honours_image_size_and_eval():
     assert AugmentConfig.from_name(cfg, image_size=64).image_size == 64
     ev = AugmentConfig.from_name(cfg, train=False)
     assert (ev.image_size, ev.random_crop, ev.jitter_p, ev.flip_p, ev.mean) == (96, False, 0.0, 0.0, (0.5, 0.5, 0.5))
+
+
+def test_blur_taps_are_the_gaussian():
+    from fastclip.data.augment import blur_taps
+    sigma = torch.tensor([0.0, 0.5, 1.5])
+    radius, k = blur_taps(sigma, 64, 64)
+    assert radius == 5 and k.shape == (3, 11)
+    pos = torch.arange(-5, 6, dtype=torch.float64)
+    assert torch.equal(k[0], (pos == 0).double())  # sigma 0: identity
+    for i in (1, 2):
+        g = torch.exp(-pos ** 2 / (2 * float(sigma[i]) ** 2))
+        assert torch.allclose(k[i], g / g.sum(), atol=1e-15)
+        assert torch.allclose(k[i], k[i].flip(0), atol=0)
+    assert blur_taps(torch.zeros(2), 8, 8) == (0, None)
+    assert blur_taps(torch.tensor([5.0]), 9, 9)[0] == 4  # capped below the image size
