@@ -216,6 +216,16 @@ def _clip_lse_kernel(a_ptr, b_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_su
 
 
 @triton.jit
+def _two_sided_p(z, h_r, l_r, h_c, l_c, mask):
+    """exp(z - lse_r[:, None]) + exp(z - lse_c[None, :]), each lse given as fp32 hi + lo parts (the
+    hi subtraction is exact where it matters); zero outside ``mask``.  The one copy of the
+    numerically delicate formula, for both orientations of the gradient kernel."""
+    p = (tl.exp2(((z - h_r[:, None]) - l_r[:, None]) * 1.4426950408889634)
+         + tl.exp2(((z - h_c[None, :]) - l_c[None, :]) * 1.4426950408889634))
+    return tl.where(mask, p, 0.0)
+
+
+@triton.jit
 def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, out_ptr,
                          M, K, D, stride_xm, stride_xd, stride_ym, stride_yd, stride_om, stride_od,
                          scale,
@@ -247,9 +257,7 @@ def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, o
             zt = _logits_tile(y_ptr, x_ptr, offs_n, offs_m, mask_n, mask_m, D,
                               stride_ym, stride_yd, stride_xm, stride_xd,
                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, DOT_PRECISION) * scale
-            pt = (tl.exp2(((zt - hy[:, None]) - ly[:, None]) * 1.4426950408889634)
-                  + tl.exp2(((zt - hx[None, :]) - lx[None, :]) * 1.4426950408889634))
-            pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
+            pt = _two_sided_p(zt, hy, ly, hx, lx, mask_n[:, None] & mask_m[None, :])
             if not UPCAST:
                 pt = pt.to(y_ptr.dtype.element_ty)  # tensor-core operand, as the chunked backend does
             p = tl.trans(pt)
@@ -257,9 +265,7 @@ def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, o
             z = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
                              stride_xm, stride_xd, stride_ym, stride_yd,
                              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
-            p = (tl.exp2(((z - hx[:, None]) - lx[:, None]) * 1.4426950408889634)
-                 + tl.exp2(((z - hy[None, :]) - ly[None, :]) * 1.4426950408889634))
-            p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+            p = _two_sided_p(z, hx, lx, hy, ly, mask_m[:, None] & mask_n[None, :])
             if not UPCAST:
                 p = p.to(y_ptr.dtype.element_ty)
         acc = _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
