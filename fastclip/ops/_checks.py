@@ -20,16 +20,21 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def check_float_tensor(name: str, t, layout: str) -> None:
+    """``t`` is a floating tensor with as many dims as ``layout`` names, e.g. "[B, H, L, head_dim]"."""
+    ndim = layout.count(",") + 1
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape(t)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+
+
 def check_features(image_features, text_features, *, same_rows: bool = True) -> None:
     """Both feature tensors: 2-D, floating, same device and dtype, same D (and N if same_rows)."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [N, D], got shape {_shape(t)}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
-                            f"got {t.dtype}")
+        check_float_tensor(name, t, "[N, D]")
     a, b = image_features, text_features
     if a.device != b.device:
         raise ValueError(f"image_features and text_features must be on the same device, got {a.device} and {b.device}")

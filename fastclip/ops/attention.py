@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import _ANY_DEVICE, _FLOATS
+from ._checks import _ANY_DEVICE, _FLOATS, check_float_tensor
 
 __all__ = [
     "attention",
@@ -303,12 +303,7 @@ def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dt
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, attn_mask, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+        check_float_tensor(name, t, "[B, H, L, head_dim]")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):

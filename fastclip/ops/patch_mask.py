@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import dispatch
-from ._checks import _ANY_DEVICE, _FLOATS
+from ._checks import _ANY_DEVICE, _FLOATS, check_float_tensor
 
 __all__ = [
     "patch_mask",
@@ -99,12 +99,7 @@ def _check_grid(grid_size, num_patches: int, mode: str) -> Optional[tuple]:
 
 
 def _check_args(x, mask_ratio, mode, num_prefix_tokens, grid_size):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be 3-D [B, num_prefix_tokens + num_patches, C], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    check_float_tensor("x", x, "[B, num_prefix_tokens + num_patches, C]")
     r = check_mask_ratio(mask_ratio)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -234,7 +234,7 @@ def test_bad_input_names_the_argument():
         patch_mask(x, 0.5, num_prefix_tokens=-1)
     with pytest.raises(ValueError, match=r"leaves no patch token after num_prefix_tokens=50"):
         patch_mask(x, 0.5, num_prefix_tokens=50)
-    with pytest.raises(TypeError, match=r"x must be a floating tensor, got torch.int64"):
+    with pytest.raises(TypeError, match=r"x must be a floating tensor \(float32, float16, bfloat16 or float64\), got torch.int64"):
         patch_mask(x.long(), 0.5)
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
         patch_mask(x, 0.5, generator=0)
