@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._clip_loss_triton import _device_ctx, _dot_precision, _pow2_clamp
+
 __all__ = ["attention_fwd", "attention_bwd", "LaunchConfig", "default_config"]
 
 _LOG2E = 1.4426950408889634
@@ -326,10 +328,6 @@ class LaunchConfig:
     num_stages: int = 2
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -348,18 +346,6 @@ def default_config(kind: str, Lq: int, Lk: int, head_dim: int, dtype: torch.dtyp
     if small:
         return LaunchConfig(32, 32, num_warps=4, num_stages=2)
     return LaunchConfig(64, 64, num_warps=4 if bd <= 64 else 8, num_stages=2)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Ignored for fp16/bf16 operands; fp32 operands: tf32x3 keeps ~fp32 accuracy on tensor cores.
-    return "tf32x3" if dtype == torch.float32 and not INTERPRET else "ieee"
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def _check(q, k, v, fn: str) -> None:
