@@ -135,7 +135,7 @@ def check_tokens(tokens, context_length: int, vocab_size: int) -> None:
         raise ValueError(f"tokens must have 1 to context_length={context_length} positions, got shape "
                          f"{tuple(tokens.shape)}")
     if not torch.compiler.is_compiling() and tokens.numel() and tokens.device.type != "meta":
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync, not two
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"tokens must be ids in [0, vocab_size={vocab_size}), got {bad} "
