@@ -323,7 +323,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
     Returns:
         0-dim tensor, (CE(logits) + CE(logits.T)) / 2 with logits = logit_scale * I @ T.T, in
-        float32 for low-precision inputs (statistics are accumulated in fp32).
+        float32 for low-precision inputs on the chunked and triton backends (statistics are
+        accumulated in fp32); the reference backend computes in the input dtype, as open_clip does.
     """
     check_features(image_features, text_features)
     chunk = check_chunk_size(chunk_size)

@@ -99,17 +99,18 @@ from . import dispatch
 from ._checks import _FLOATS, as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
 from .clip_loss import (
     STAT_DTYPE,
-    ClipLossFunction,
     _acc_dtype,
     _auto_skip,
     _ChunkedEngine,
     _rowdot_sum,
+    _run_engine,
+    _run_reference,
     _TritonEngine,
     clip_loss,
-    clip_loss_reference,
     default_chunk_size,
 )
-from .siglip_loss import _ChunkedSweep, _TritonSweep, siglip_loss, siglip_loss_reference
+from .siglip_loss import _ChunkedSweep, _TritonSweep, siglip_loss
+from .siglip_loss import _run_reference as _run_siglip_reference
 
 __all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES"]
 
@@ -657,7 +658,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         label_smoothing: as in ``torch.nn.functional.cross_entropy``, on both directions.
 
     Returns:
-        0-dim tensor (float32 for low-precision inputs).
+        0-dim tensor (float32 for low-precision inputs, except with backend="reference", which
+        computes in the input dtype).
 
     Raises:
         DistributedInputError: on every rank, when any rank's inputs are invalid or the ranks
@@ -706,18 +708,15 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
         if engine is None:  # the reference twin: autograd gathers + materialised logits
             aa = _GatherWithGrad.apply(a, layout, group)
             bb = _GatherWithGrad.apply(b, layout, group)
-            return clip_loss_reference(aa, bb, scale_t.to(a.dtype), None if bias_t is None else bias_t.to(a.dtype),
-                                       eps)
+            return _run_reference(aa, bb, scale_t, bias_t, eps, chunk)
         loss = DistributedClipLossFunction.apply(a, b, scale_t, eps, chunk, engine, layout, group)
     else:
         keep = mode == "gather"
         aa = _gathered(a, layout, group, with_grad=gather_with_grad, keep_local=keep)
         bb = _gathered(b, layout, group, with_grad=gather_with_grad, keep_local=keep)
-        if mode == "gather":
-            if engine is None:
-                return clip_loss_reference(aa, bb, scale_t.to(a.dtype),
-                                           None if bias_t is None else bias_t.to(a.dtype), eps)
-            loss = ClipLossFunction.apply(aa, bb, scale_t, eps, chunk, engine)
+        if mode == "gather":  # the single-process loss on the gathered batch, either backend
+            run = _run_reference if engine is None else _run_engine(engine)
+            return run(aa, bb, scale_t, bias_t, eps, chunk)
         else:
             off = layout.offset(rank)
             if engine is None:
@@ -779,7 +778,7 @@ def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backe
     if engine is None:
         aa = _GatherWithGrad.apply(a, layout, group)
         bb = _GatherWithGrad.apply(b, layout, group)
-        return siglip_loss_reference(aa, bb, scale_t.to(a.dtype), bias_t.to(a.dtype))
+        return _run_siglip_reference(aa, bb, scale_t, bias_t, chunk)
     needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
     return DistributedSigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine,
                                                layout, group, needs)
