@@ -670,10 +670,21 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
                                   label_smoothing=label_smoothing)
 
 
+def _check_clip_mode(mode, gather_with_grad) -> None:
+    if mode not in CLIP_MODES:
+        raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
+    if not isinstance(gather_with_grad, bool):
+        raise TypeError(f"gather_with_grad must be a bool, got {type(gather_with_grad).__name__}")
+    if mode == "lean" and gather_with_grad:
+        raise ValueError("gather_with_grad applies to mode='gather' or 'local'; mode='lean' always "
+                         "returns the gradients of remote features to their ranks")
+
+
 def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mode="lean", gather_with_grad=False,
                            backend="auto", chunk_size=None, label_smoothing=0.0, expect=None):
     rank, size = _group_rank_and_size(group)
     if size == 1 and expect is None:
+        _check_clip_mode(mode, gather_with_grad)  # the same errors with one process as with many
         return clip_loss(a, b, logit_scale, logit_bias, backend=backend, chunk_size=chunk_size,
                          label_smoothing=label_smoothing)
     error, fields, n = None, [], 0
@@ -681,13 +692,7 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
         check_features(a, b)
         chunk = check_chunk_size(chunk_size)
         eps = check_label_smoothing(label_smoothing)
-        if mode not in CLIP_MODES:
-            raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
-        if not isinstance(gather_with_grad, bool):
-            raise TypeError(f"gather_with_grad must be a bool, got {type(gather_with_grad).__name__}")
-        if mode == "lean" and gather_with_grad:
-            raise ValueError("gather_with_grad applies to mode='gather' or 'local'; mode='lean' always "
-                             "returns the gradients of remote features to their ranks")
+        _check_clip_mode(mode, gather_with_grad)
         _check_local_group(a, group, expect)
         scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
         bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=False)

@@ -227,3 +227,16 @@ def deliberate_hang():
     if dist.get_rank() == 0:
         dist.all_reduce(torch.zeros(1))
     return "done"
+
+
+def mode_errors(d):
+    """(exception type, message) of each invalid mode argument, or "no error"."""
+    a, b = torch.randn(4, d), torch.randn(4, d)
+    out = []
+    for kw in (dict(mode="bogus"), dict(mode="lean", gather_with_grad=True), dict(mode="gather", gather_with_grad=1)):
+        try:
+            distributed_clip_loss(a, b, SCALE, **kw)
+            out.append("no error")
+        except (ValueError, TypeError) as exc:
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out

@@ -389,3 +389,14 @@ def test_world_size_above_one_needs_an_initialised_group():
         distributed_clip_loss(a, b, 10.0)
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         distributed_siglip_loss(a, b, 10.0, -10.0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_bad_mode_raises_with_one_process_too(pools, world):
+    # A single-rank group takes a shortcut to the single-process loss; it must refuse the same
+    # arguments as a larger group, or a script tested on one process breaks on several.
+    for res in pools(world).run(f"{TASKS}:mode_errors", D):
+        # (with several ranks the same error arrives wrapped in DistributedInputError, per rank)
+        assert "ValueError: mode must be one of" in res[0], res[0]
+        assert "ValueError: gather_with_grad applies to mode='gather' or 'local'" in res[1], res[1]
+        assert "TypeError: gather_with_grad must be a bool" in res[2], res[2]
