@@ -6,8 +6,12 @@ else PIL).  An explicit choice that cannot run raises with the reason; automatic
 every backend's reason when none can run.
 
 ``dali``  fastclip's tar reader feeds encoded bytes to a DALI pipeline (``fn.external_source`` ->
-          ``fn.decoders.image``: ``device="cpu"``, or ``"mixed"`` when ``device`` is CUDA) that
-          crops, resizes, colour-jitters, blurs, flips and normalises in ``num_threads`` C++ threads.
+          ``fn.decoders.image``).  With a CUDA ``device`` it decodes with ``device="mixed"`` and
+          crops, resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.
+          On CPU, DALI decodes (a random-resized crop fused into the decoder) in ``num_threads``
+          C++ threads, and ``num_threads`` Python threads resize with torch's uint8 kernels, then
+          the colour knobs run as the batched tensor operations below; DALI's own CPU resize and
+          colour operators are several times slower than these (figures in ``_dali.py``).
 ``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
           resizing; JPEGs decode at reduced scale when the crop allows), then the colour knobs run
           as batched tensor operations (``fastclip.data.augment``) on ``device``.
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 
 from ..ops import dispatch
-from .augment import AugmentConfig, augment_batch
+from ._recycle import BufferPool
+from .augment import AugmentConfig, augment_batch, crop_box, draw_params, int_box, resize_crop, slice_params
 from .shards import DataStats, Sample, ShardSource, split_slots
 
 __all__ = ["ClipLoader", "make_loader", "select_backend", "backend_reasons", "default_tokenizer"]
@@ -161,6 +166,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.stats = DataStats(warn=False)
         self.epoch_stats: Optional[DataStats] = None
+        self._buffers = BufferPool()
 
     @property
     def backend_name(self) -> str:
@@ -266,15 +272,75 @@ class ClipLoader(torch.utils.data.IterableDataset):
             out.append((s, views))
         return out
 
-    def _tensor_views(self, decoded: list, generator: torch.Generator) -> list:
-        """Stack PIL views, move to the device, run the batched colour ops."""
-        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
+    def _stacked_views(self, decoded: list) -> list:
+        """PIL: the decoded views stacked into uint8 ``[B, H, W, 3]`` batches, one per view."""
         out = []
-        for v, c in enumerate(cfgs):
-            arr = torch.from_numpy(np.stack([views[v] for _, views in decoded]))
-            if self.device.type != "cpu":
-                arr = arr.pin_memory().to(self.device, non_blocking=True)
-            out.append(augment_batch(arr, c, generator, self.dtype))
+        for v in range(1 + self.cfg.extra_views):
+            first = decoded[0][1][v]
+            batch = self._buffers.empty((len(decoded), *first.shape), torch.uint8)
+            np.stack([views[v] for _, views in decoded], out=batch.numpy())
+            out.append(batch)
+        return out
+
+    def _resized_views(self, images: list, rng_seed: str, generator: torch.Generator,
+                       pool: ThreadPoolExecutor) -> list:
+        """DALI CPU path: uint8 HWC ``images`` (a fused random crop already applied by the decoder
+        unless there are extra views) -> cropped, resized and augmented views, each thread of
+        ``pool`` doing both for its part of the batch (torch single-threaded there)."""
+        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
+        size, n = self.cfg.image_size, len(images)
+        rng = random.Random(rng_seed)
+        boxes = []
+        for img in images:
+            h, w = int(img.shape[0]), int(img.shape[1])
+            if self.cfg.extra_views:
+                boxes.append([int_box(crop_box(w, h, c, rng), w, h) for c in cfgs])
+            elif self.cfg.random_crop:
+                boxes.append([None])
+            else:
+                boxes.append([int_box(crop_box(w, h, self.cfg, None), w, h)])
+        resized = self._buffers.empty((len(cfgs), n, 3, size, size), torch.uint8)
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                for v, c in enumerate(cfgs):
+                    resize_crop(images[i], boxes[i][v], size, c.interpolation, resized[v, i])
+
+        self._in_pool(pool, n, work)
+        return self._augment_views([r.permute(0, 2, 3, 1) for r in resized], generator, pool)
+
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        # torch runs single-threaded in these threads (OpenMP's thread count is per calling
+        # thread): they neither oversubscribe the cores nor change the caller's setting.
+        return ThreadPoolExecutor(self.num_threads, thread_name_prefix=name, initializer=torch.set_num_threads,
+                                  initargs=(1,))
+
+    def _in_pool(self, pool: ThreadPoolExecutor, n: int, work: Callable[[int, int], None]) -> None:
+        """``work(lo, hi)`` over ``range(n)`` cut into one part per thread of ``pool``."""
+        step = -(-n // self.num_threads)
+        for f in [pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]:
+            f.result()
+
+    def _augment_views(self, views: list, generator: torch.Generator, pool: ThreadPoolExecutor) -> list:
+        """uint8 ``[B, H, W, 3]`` views (CPU) -> augmented, normalised ``[B, 3, H, W]`` on the device.
+
+        On CPU each thread of ``pool`` (torch single-threaded there) augments its part of the
+        batch; torch's own threads would compete with the decoding threads for the same cores.
+        """
+        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
+        if self.device.type != "cpu":
+            return [augment_batch(v.pin_memory().to(self.device, non_blocking=True), c, generator, self.dtype)
+                    for v, c in zip(views, cfgs)]
+        n, h, w, _ = views[0].shape
+        params = [draw_params(n, c, generator) for c in cfgs]
+        out = [self._buffers.empty((n, 3, h, w), self.dtype) for _ in cfgs]
+
+        def work(lo: int, hi: int) -> None:
+            for v, c in enumerate(cfgs):
+                augment_batch(views[v][lo:hi], c, dtype=self.dtype, params=slice_params(params[v], lo, hi),
+                              out=out[v][lo:hi])
+
+        self._in_pool(pool, n, work)
         return out
 
     def _chunks(self, samples: Iterator[Sample], size: int) -> Iterator[list]:
@@ -294,7 +360,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
                      stats: DataStats) -> Iterator[tuple]:
         chunk_size = max(1, min(self.batch_size, 32))
         depth = self.num_threads * 2 + (self.batch_size + chunk_size - 1) // chunk_size
-        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastclip-decode")
+        pool = self._pool("fastclip-decode")
         pending: deque = deque()
         ready: list = []
         batch_index = 0
@@ -315,17 +381,18 @@ class ClipLoader(torch.utils.data.IterableDataset):
                 ready.extend(pending.popleft().result())
                 while len(ready) >= self.batch_size:
                     batch, ready = ready[:self.batch_size], ready[self.batch_size:]
-                    yield self._pil_emit(batch, epoch, slot, batch_index, stats)
+                    yield self._pil_emit(batch, epoch, slot, batch_index, stats, pool)
                     batch_index += 1
             if ready and not self.drop_last:
-                yield self._pil_emit(ready, epoch, slot, batch_index, stats)
+                yield self._pil_emit(ready, epoch, slot, batch_index, stats, pool)
         finally:
             for f in pending:
                 f.cancel()
             pool.shutdown(wait=True)
 
-    def _pil_emit(self, decoded: list, epoch: int, slot: int, index: int, stats: DataStats) -> tuple:
-        views = self._tensor_views(decoded, self._generator(epoch, slot, index))
+    def _pil_emit(self, decoded: list, epoch: int, slot: int, index: int, stats: DataStats,
+                  pool: ThreadPoolExecutor) -> tuple:
+        views = self._augment_views(self._stacked_views(decoded), self._generator(epoch, slot, index), pool)
         return self._finish(views, [s for s, _ in decoded], stats)
 
     # ------------------------------------------------------------------------------------------
@@ -353,8 +420,10 @@ class ClipLoader(torch.utils.data.IterableDataset):
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         seed = random.Random(self._rng_seed("dali", epoch, slot, 0)).getrandbits(31)
+        ops = "all" if device_id is not None else "decode"
         pipe = _dali.build_pipeline(self.cfg, source, self.batch_size, self.num_threads, seed, device_id,
-                                    prefetch=self.prefetch)
+                                    prefetch=self.prefetch, ops=ops)
+        pool = self._pool("fastclip-resize")
         index = unexplained = 0
         try:
             while True:
@@ -377,7 +446,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
                         raise RuntimeError("DALI failed 3 batches in a row in which PIL found no bad image; "
                                            f"the pipeline itself seems broken: {exc}") from exc
                     if decoded and not (self.drop_last and len(decoded) < self.batch_size):
-                        yield self._pil_emit(decoded, epoch, slot, index, stats)
+                        yield self._pil_emit(decoded, epoch, slot, index, stats, pool)
                     index += 1
                     if not decoded:
                         warnings.warn(f"fastclip.data: DALI failed a batch and PIL decoded none of it: {exc}")
@@ -386,13 +455,19 @@ class ClipLoader(torch.utils.data.IterableDataset):
                 if self.drop_last and len(chunk) < self.batch_size:
                     break
                 unexplained = 0
-                views = _dali.outputs_to_torch(outputs, self.dtype, self.device)
+                if ops == "all":
+                    views = _dali.outputs_to_torch(outputs, self.dtype, self.device)
+                else:  # done with DALI's buffers before the next run()
+                    views = self._resized_views(_dali.decoded_arrays(outputs[0]),
+                                                self._rng_seed("crop", epoch, slot, index),
+                                                self._generator(epoch, slot, index), pool)
                 yield self._finish(views, chunk, stats)
                 index += 1
             if source_error:
                 raise source_error[0]
         finally:
             del pipe
+            pool.shutdown(wait=True)
 
 
 def make_loader(shards, batch_size: int, **kwargs) -> ClipLoader:

@@ -66,6 +66,8 @@ def test_blur_matches_grouped_convolution():
     _close(got, want, 1e-9, 1e-12, "blur")
     assert torch.equal(got[0], x[0]) and torch.equal(got[5], x[5])  # sigma 0: untouched
     assert got[4].std() < x[4].std()
+    y = x.clone()
+    assert gaussian_blur(y, sigma, inplace=True) is y and torch.equal(y, got)
 
 
 def test_each_knob_does_what_it_says():
@@ -144,9 +146,10 @@ def test_blur_taps_are_the_gaussian():
     assert radius == 5 and k.shape == (3, 11)
     pos = torch.arange(-5, 6, dtype=torch.float64)
     assert torch.equal(k[0], (pos == 0).double())  # sigma 0: identity
-    for i in (1, 2):
-        g = torch.exp(-pos ** 2 / (2 * float(sigma[i]) ** 2))
+    for i, own in ((1, 2), (2, 5)):  # each sample's own window: 2*ceil(3*sigma)+1 taps
+        g = torch.exp(-pos ** 2 / (2 * float(sigma[i]) ** 2)) * (pos.abs() <= own)
         assert torch.allclose(k[i], g / g.sum(), atol=1e-15)
         assert torch.allclose(k[i], k[i].flip(0), atol=0)
+        assert (k[i][pos.abs() > own] == 0).all() and (k[i][pos.abs() <= own] > 0).all()
     assert blur_taps(torch.zeros(2), 8, 8) == (0, None)
     assert blur_taps(torch.tensor([5.0]), 9, 9)[0] == 4  # capped below the image size
