@@ -183,8 +183,8 @@ def resize_crop(image: torch.Tensor, box: Optional[tuple], size: int, interpolat
     """Crop uint8 ``image`` [H, W, 3] to ``box`` (whole pixels; None = all of it) and resize it to
     ``size`` x ``size`` into ``out`` (uint8 [3, size, size]).
 
-    Antialiased bilinear/bicubic as Pillow's ``Image.resize`` (its reference here; equal within
-    rounding), through torch's uint8 channels-last kernels: on this project's CPU about 4x as fast
+    Crop, then resize (torchvision's order: the filter does not reach outside the box), with
+    antialiased bilinear/bicubic as Pillow's ``crop(box).resize`` (its reference in the tests), through torch's uint8 channels-last kernels: on this project's CPU about 4x as fast
     as Pillow's resize and 6x DALI's CPU ``fn.resize`` (bicubic, 256 px -> 224 px), and they
     release the GIL, so a pool of threads scales.
     """
@@ -290,18 +290,42 @@ def blur_taps(sigma: torch.Tensor, h: int, w: int):
     return radius, torch.where(sigma.view(-1, 1) > 0, k / k.sum(1, keepdim=True), identity)
 
 
-def _blur_image(x: torch.Tensor, taps: list) -> torch.Tensor:
-    """One image ``[C, H, W]`` blurred with the symmetric ``taps`` (Python floats) along W, then H."""
-    c, h, w = x.shape
+def _blur_image(src: torch.Tensor, taps: list, dst: torch.Tensor) -> None:
+    """One CPU image ``[C, H, W]`` blurred with the symmetric ``taps`` (Python floats) along W,
+    then H, into ``dst`` (which may be ``src``), reflect-padded in per-thread scratch buffers."""
+    c, h, w = src.shape
     r = len(taps) // 2
-    xp = F.pad(x.unsqueeze(0), (r, r, 0, 0), mode="reflect")[0]
-    y = xp[..., 0:w] * taps[0]
+    xp = _scratch(src.device, (c, h, w + 2 * r), 2, src.dtype)
+    xp[..., r:r + w].copy_(src)
+    xp[..., :r].copy_(src[..., 1:r + 1].flip(-1))  # reflect: column -k is column k
+    xp[..., r + w:].copy_(src[..., w - r - 1:w - 1].flip(-1))
+    yp = _scratch(src.device, (c, h + 2 * r, w), 3, src.dtype)
+    y = yp[:, r:r + h]
+    torch.mul(xp[..., 0:w], taps[0], out=y)
     for t in range(1, 2 * r + 1):
         y.add_(xp[..., t:t + w], alpha=taps[t])
-    yp = F.pad(y.unsqueeze(0), (0, 0, r, r), mode="reflect")[0]
-    out = yp[:, 0:h] * taps[0]
+    yp[:, :r].copy_(y[:, 1:r + 1].flip(-2))
+    yp[:, r + h:].copy_(y[:, h - r - 1:h - 1].flip(-2))
+    torch.mul(yp[:, 0:h], taps[0], out=dst)
     for t in range(1, 2 * r + 1):
-        out.add_(yp[:, t:t + h], alpha=taps[t])
+        dst.add_(yp[:, t:t + h], alpha=taps[t])
+
+
+_PER_IMAGE_MIN_PIXELS = 96 * 96
+
+
+def _blur_batch(x: torch.Tensor, k: torch.Tensor, radius: int) -> torch.Tensor:
+    """``[n, C, H, W]`` blurred with per-sample taps ``k`` [n, 2*radius+1] (zero outside each
+    sample's own window), one broadcast multiply-add per tap and axis."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = xp[..., 0:w] * k[:, 0].view(n, 1, 1, 1)
+    for t in range(1, 2 * radius + 1):
+        y.addcmul_(xp[..., t:t + w], k[:, t].view(n, 1, 1, 1))
+    yp = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    out = yp[:, :, 0:h] * k[:, 0].view(n, 1, 1, 1)
+    for t in range(1, 2 * radius + 1):
+        out.addcmul_(yp[:, :, t:t + h], k[:, t].view(n, 1, 1, 1))
     return out
 
 
@@ -309,33 +333,29 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, inplace: bool = False) -
     """Separable Gaussian blur of ``[B, C, H, W]`` with a per-sample ``sigma`` [B] (<= 0: unchanged).
 
     Reflect padding; each sample's window is 2*ceil(3*sigma)+1 taps, capped below the image size
-    (:func:`blur_taps`).  One image at a time, each axis a sum over its own taps of shifted views:
-    the image stays in cache across the passes, and a small sigma costs few taps (on CPU ~3x
-    faster at sigma 2 than the whole batch with the largest window, and ~20x faster than a
-    grouped convolution).  ``inplace`` writes the blurred images back into ``x``.
+    (:func:`blur_taps`).  Each axis is a sum over the taps of shifted views.  On CPU, images of
+    96x96 and more go one at a time with their own taps: the image stays in cache across the
+    passes and a small sigma costs few taps (~3x faster at 224 px, sigma 2, than the whole batch
+    with the largest window, and ~20x faster than a grouped convolution); smaller images, and
+    any on a GPU, go together.  ``inplace`` writes the blurred images back into ``x``.
     """
     b, c, h, w = x.shape
     radius, k = blur_taps(sigma, h, w)
     out = x if inplace else x.clone()
     if k is None:
         return out
-    if x.device.type != "cpu":  # on a GPU: the whole batch per tap (few, large kernels)
-        k = k.to(device=x.device, dtype=x.dtype)
-        xp = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-        y = xp[..., 0:w] * k[:, 0].view(b, 1, 1, 1)
-        for t in range(1, 2 * radius + 1):
-            y.addcmul_(xp[..., t:t + w], k[:, t].view(b, 1, 1, 1))
-        yp = F.pad(y, (0, 0, radius, radius), mode="reflect")
-        torch.mul(yp[:, :, 0:h], k[:, 0].view(b, 1, 1, 1), out=out)
-        for t in range(1, 2 * radius + 1):
-            out.addcmul_(yp[:, :, t:t + h], k[:, t].view(b, 1, 1, 1))
+    if x.device.type != "cpu" or h * w < _PER_IMAGE_MIN_PIXELS:
+        # a GPU, or small images (where per-op overhead would dominate): the blurred samples
+        # together, one operation per tap
+        sel = (sigma > 0).nonzero().view(-1)
+        idx = sel.to(x.device)
+        out[idx] = _blur_batch(x[idx], k[sel].to(device=x.device, dtype=x.dtype), radius)
         return out
     for i, s in enumerate(sigma.tolist()):
         if s <= 0:
             continue
         r = _blur_radius(s, h, w)
-        taps = k[i, radius - r:radius + r + 1].tolist()
-        out[i] = _blur_image(x[i], taps)
+        _blur_image(x[i], k[i, radius - r:radius + r + 1].tolist(), out[i])
     return out
 
 
@@ -355,18 +375,18 @@ def gaussian_blur_reference(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
 _SCRATCH = threading.local()
 
 
-def _scratch(device: torch.device, shape: tuple, slot: int) -> torch.Tensor:
-    """A per-thread reusable fp32 buffer: fresh large CPU tensors cost more in page faults than the
+def _scratch(device: torch.device, shape: tuple, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-thread reusable buffer: fresh large CPU tensors cost more in page faults than the
     arithmetic done on them, and the allocator returns them to the OS when freed."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
     cache = getattr(_SCRATCH, "bufs", None)
     if cache is None:
         cache = _SCRATCH.bufs = {}
     numel = math.prod(shape)
-    buf = cache.get(slot)
+    buf = cache.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = cache[slot] = torch.empty(numel, dtype=torch.float32)
+        buf = cache[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
@@ -423,7 +443,18 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
         x = _scratch(dev, (c, 3, h, w), 0)
         # uint8 HWC -> float CHW, 0..255, one pass (a plain copy when ``images`` is a channels-first
         # batch viewed as [B, H, W, 3], which is what the DALI CPU path hands over)
-        x.copy_(images[i:j].permute(0, 3, 1, 2))
+        src = images[i:j].permute(0, 3, 1, 2)
+        x.copy_(src)
+        if flip is not None and bool(flip[i:j].any()):
+            # flipped at the input: blur (symmetric taps, reflect padding), the colour map and the
+            # normalisation all commute with a horizontal flip
+            sel = flip[i:j].nonzero().view(-1)
+            if dev.type == "cpu":  # per image: no batch-sized temporaries
+                for k in sel.tolist():
+                    x[k].copy_(src[k].flip(-1))
+            else:
+                sel = sel.to(dev)
+                x[sel] = x[sel].flip(-1)
         if sigma is not None and bool((sigma[i:j] > 0).any()):
             gaussian_blur(x, sigma[i:j], inplace=True)
         xv = x.view(c, 3, h * w)
@@ -437,10 +468,6 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
         if clamp:
             torch.maximum(y, lo, out=y)
             torch.minimum(y, hi, out=y)
-        if flip is not None and bool(flip[i:j].any()):
-            sel = flip[i:j].nonzero().view(-1).to(dev)
-            yv = y.view(c, 3, h, w)
-            yv[sel] = yv[sel].flip(-1)
         if dtype != torch.float32:
             target.copy_(y)
     return out

@@ -1,6 +1,7 @@
 """Augmentation presets and the batched tensor operations (fused vs op-by-op reference)."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +60,9 @@ def test_fused_matches_reference(preset, shape, dtype, atol, rtol):
     _close(got, want, atol, rtol, f"{preset} {shape} {dtype}")
 
 
-def test_blur_matches_grouped_convolution():
-    x = torch.rand(6, 3, 31, 40, dtype=torch.float64) * 255
+@pytest.mark.parametrize("hw", [(31, 40), (97, 100)])  # the batched and the per-image paths
+def test_blur_matches_grouped_convolution(hw):
+    x = torch.rand(6, 3, *hw, dtype=torch.float64) * 255
     sigma = torch.tensor([0.0, 0.1, 0.7, 1.5, 2.0, 0.0], dtype=torch.float64)
     got, want = gaussian_blur(x, sigma), gaussian_blur_reference(x, sigma)
     _close(got, want, 1e-9, 1e-12, "blur")
@@ -153,3 +155,67 @@ def test_blur_taps_are_the_gaussian():
         assert (k[i][pos.abs() > own] == 0).all() and (k[i][pos.abs() <= own] > 0).all()
     assert blur_taps(torch.zeros(2), 8, 8) == (0, None)
     assert blur_taps(torch.tensor([5.0]), 9, 9)[0] == 4  # capped below the image size
+
+
+# ----------------------------------------------------------------------------------------------
+# Resize (torch's uint8 kernels) against Pillow, its reference; batches in parts; out=
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("src,box,size", [
+    ((256, 256), (0, 0, 256, 256), 224),    # downscale, whole image
+    ((200, 150), (13, 7, 190, 140), 64),    # downscale a crop, non-square
+    ((96, 120), (30, 40, 60, 62), 112),     # upscale a small crop
+    ((48, 48), None, 48),                   # same size: a copy
+])
+def test_resize_crop_matches_pillow(interpolation, src, box, size):
+    from PIL import Image
+
+    from fastclip.data.augment import resize_crop
+    w, h = src
+    g = torch.Generator().manual_seed(3)
+    # smooth content plus noise: both what photos look like and what exposes a wrong filter
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 3) % 256], -1)
+    img = (base + torch.randint(-20, 21, (h, w, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+    out = torch.empty(3, size, size, dtype=torch.uint8)
+    resize_crop(img, box, size, interpolation, out)
+    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+    pil = Image.fromarray(img.numpy())
+    want = (pil.crop(box) if box is not None else pil).resize((size, size), resample)  # crop, then resize
+    want = torch.from_numpy(np.array(want)).permute(2, 0, 1)
+    diff = (out.int() - want.int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.2, f"max {diff.max()}, mean {diff.float().mean():.3f}"
+
+
+def test_int_box_rounds_and_stays_inside():
+    from fastclip.data.augment import int_box
+    assert int_box((10.5, 3.49, 100.5, 60.0), 200, 100) == (10, 3, 100, 60)  # round half to even
+    assert int_box((-3, -1, 500, 300), 200, 100) == (0, 0, 200, 100)
+    assert int_box((50, 50, 50.2, 50.1), 200, 100) == (50, 50, 51, 51)  # at least one pixel
+    assert int_box((199.7, 99.9, 200, 100), 200, 100) == (199, 99, 200, 100)
+
+
+@pytest.mark.parametrize("preset", ["clip", "clip_aug"])
+def test_augment_in_parts_equals_whole_batch(preset):
+    from fastclip.data.augment import slice_params
+    cfg = AugmentConfig.from_name(preset, image_size=20)
+    x = _images(11, 20, 20, seed=4)
+    params = draw_params(11, cfg, torch.Generator().manual_seed(2))
+    whole = augment_batch(x, cfg, params=params)
+    parts = torch.full_like(whole, float("nan"))
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):
+        got = augment_batch(x[lo:hi], cfg, params=slice_params(params, lo, hi), out=parts[lo:hi])
+        assert got.data_ptr() == parts[lo:hi].data_ptr()
+    assert torch.equal(parts, whole)
+    # a channels-first batch seen as [B, H, W, 3] (what the DALI CPU path hands over) is the same
+    chw = x.permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(augment_batch(chw.permute(0, 2, 3, 1), cfg, params=params), whole)
+
+
+def test_augment_out_is_checked():
+    cfg = AugmentConfig(image_size=8)
+    x = _images(2, 8, 8)
+    for bad in (torch.empty(2, 3, 8, 9), torch.empty(2, 3, 8, 8, dtype=torch.float16),
+                torch.empty(2, 8, 8, 3).permute(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            augment_batch(x, cfg, out=bad)

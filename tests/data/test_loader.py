@@ -274,3 +274,64 @@ def test_batches_feed_the_model(tmp_path, backend, tokenizer):
     out = model(images, tokens)
     assert out["image_features"].shape[0] == out["text_features"].shape[0] == 4
     assert torch.isfinite(out["image_features"]).all() and torch.isfinite(out["text_features"]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_batches_are_never_overwritten(tmp_path, backend, tokenizer):
+    """Batch memory is recycled only once released: keeping every batch gives the same values as
+    copying each one and dropping it (which lets the loader reuse its memory)."""
+    paths = write_good_shards(tmp_path, 2, 10)
+
+    def run(keep):
+        loader = ClipLoader(paths, 4, image_size=16, augment="clip_aug", backend=backend, tokenizer=tokenizer,
+                            seed=3, prefetch=1)
+        out, ptrs = [], set()
+        for images, _ in loader:
+            ptrs.add(images.data_ptr())
+            out.append(images if keep else images.clone())
+            del images
+        return out, ptrs
+    (kept, _), (copied, ptrs) = run(True), run(False)
+    assert len(kept) == len(copied) == 5
+    assert len(ptrs) < 5  # the second run did reuse memory
+    assert len({b.data_ptr() for b in kept}) == 5
+    for a, b in zip(kept, copied):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loader_leaves_the_callers_torch_threads_alone(tmp_path, backend, tokenizer):
+    before = torch.get_num_threads()
+    list(ClipLoader(write_good_shards(tmp_path, 1, 6), 4, image_size=16, backend=backend, tokenizer=tokenizer))
+    assert torch.get_num_threads() == before
+
+
+@needs_dali
+@pytest.mark.parametrize("preset", ["eval", "clip_aug", "simclr"])
+def test_dali_all_operator_pipeline_on_cpu(tmp_path, preset):
+    """The all-DALI pipeline (what the loader runs with a GPU, ``device="mixed"``) built with DALI's
+    CPU operators: outputs in contract, and its evaluation transform agrees with the CPU path's."""
+    import numpy as np
+
+    from fastclip.data import _dali
+    from fastclip.data.augment import AugmentConfig
+    from fastclip.data.shards import DataStats, ShardSource
+    paths = write_good_shards(tmp_path, 1, 6)
+    samples = list(ShardSource(paths, shuffle=0).iter(0, 0, 1, DataStats(warn=False)))
+    name = "clip" if preset == "eval" else preset
+    cfg = AugmentConfig.from_name(name, image_size=16, train=preset != "eval")
+    batches = iter([[np.frombuffer(s.image, dtype=np.uint8) for s in samples]])
+    pipe = _dali.build_pipeline(cfg, lambda: next(batches), 6, 1, seed=0, ops="all")
+    outs = _dali.outputs_to_torch(pipe.run(), torch.float32, torch.device("cpu"))
+    assert len(outs) == 1 + cfg.extra_views
+    for x in outs:
+        assert x.shape == (6, 3, 16, 16) and torch.isfinite(x).all()
+        unit = _unnormalise(x)
+        assert unit.min() > -0.02 and unit.max() < 1.02
+    if preset == "eval":
+        loader = ClipLoader(paths, 6, image_size=16, train=False, backend="dali", tokenizer=fastclip.get_tokenizer())
+        mine = next(iter(loader))[0]
+        diff = (outs[0] - mine).abs()
+        assert diff.mean() < 0.05, f"mean |all-DALI - CPU path| = {diff.mean():.4f}"
+    with pytest.raises(ValueError, match="ops must be"):
+        _dali.build_pipeline(cfg, lambda: None, 6, 1, seed=0, ops="some")
