@@ -2,8 +2,10 @@
 
 Modes are converted the way DALI's ``fn.decoders.image(output_type=RGB)`` converts them, so that
 both paths see the same pixels: grayscale and palette to RGB, alpha dropped, CMYK (Adobe-inverted
-included) to RGB, 16-bit to 8-bit by keeping the high byte.  A conversion is not a skip; it is
-counted in ``DataStats.notes`` as ``converted:<mode>``.
+included) to RGB, 16-bit to 8-bit by keeping the high byte.  The loader skips images of those
+modes by default (``wrong_modes="skip"``, decided from the header before decoding); with
+``wrong_modes="convert"`` they reach this conversion and are counted in ``DataStats.notes`` as
+``converted:<mode>``.
 """
 from __future__ import annotations
 

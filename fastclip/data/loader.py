@@ -122,6 +122,9 @@ class ClipLoader(torch.utils.data.IterableDataset):
             torch DataLoader worker info.  ``split``: "auto" | "shard" | "sample" (see ``shards``).
         with_labels: append the class label (LongTensor [B], -1 if none) to every batch.
         return_meta: append a dict (``keys``, ``uids``, ``captions``) to every batch.
+        wrong_modes: "skip" (default): grayscale, RGBA/LA, CMYK and 16-bit images are skipped and
+            counted as ``wrong_mode:<mode>``; "convert": they are delivered as RGB (as DALI's and
+            Pillow's RGB conversions make them) and counted in ``stats.notes`` as ``converted:<mode>``.
 
     Yields ``(images, tokens)``; the simclr preset adds its extra views: ``(images, tokens, view1,
     view2)``; then ``labels`` and ``meta`` when asked for.  ``stats`` (cumulative) and
@@ -140,7 +143,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
                  samples: Optional[int] = None, split: str = "auto", rank: Optional[int] = None,
                  world_size: Optional[int] = None, worker: Optional[int] = None,
                  num_workers: Optional[int] = None, drop_last: bool = False, prefetch: int = 2,
-                 with_labels: bool = False, return_meta: bool = False,
+                 with_labels: bool = False, return_meta: bool = False, wrong_modes: str = "skip",
                  warn: bool = True, **augment_overrides):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -160,7 +163,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         if shuffle is None:
             shuffle = 2000 if train else 0
         self.source = ShardSource(shards, shuffle=shuffle, seed=seed, resampled=resampled, samples=samples,
-                                  split=split, check_images=True)
+                                  split=split, check_images=True, wrong_modes=wrong_modes)
         self._slot_args = (rank, world_size, worker, num_workers)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model)
         self.epoch = 0
@@ -253,6 +256,9 @@ class ClipLoader(torch.utils.data.IterableDataset):
         if self.return_meta:
             out.append({"keys": [s.key for s in samples], "uids": [s.uid for s in samples],
                         "captions": [s.caption for s in samples], "shards": [s.shard for s in samples]})
+        for s in samples:
+            if s.mode is not None and s.mode != "RGB":  # delivered converted (palette, or wrong_modes="convert")
+                stats.note(f"converted:{s.mode}")
         stats.add_delivered(len(samples))
         return tuple(out)
 
@@ -263,12 +269,10 @@ class ClipLoader(torch.utils.data.IterableDataset):
         out = []
         for s in chunk:
             try:
-                views, converted = decode_views(s.image, self.cfg, rng)
+                views, _ = decode_views(s.image, self.cfg, rng)
             except DecodeError as exc:
                 stats.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
                 continue
-            if converted:
-                stats.note(f"converted:{converted}")
             out.append((s, views))
         return out
 

@@ -11,9 +11,11 @@ of ``json``.  Label (optional, for zero-shot evaluation): ``cls``, else ``json["
 
 Bad input never crashes the reader and never loses a good sample.  Everything skipped is counted
 per reason in :class:`DataStats` (missing/unreadable/truncated shards; samples with no image, no
-or empty caption, an image that fails the cheap structural check).  Images are checked here only
-structurally (magic bytes and the end marker: a truncated JPEG/PNG/WebP is caught without
-decoding); the decoders count what fails to decode.
+or empty caption, an image that fails the cheap structural check, an image of the wrong mode).
+Images are checked here from their bytes without decoding: magic bytes and the end marker (a
+truncated JPEG/PNG/WebP is caught), and the mode in the header (grayscale, RGBA, CMYK, 16-bit:
+skipped as ``wrong_mode:<mode>``, or converted when asked); the decoders count what fails to
+decode.
 
 Epochs: with ``resampled=False`` an epoch is one pass in which every good sample is delivered
 exactly once over all ranks and workers ("slots").  ``split="shard"`` gives each slot whole shards
@@ -39,7 +41,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 __all__ = [
     "IMAGE_EXTS", "DataStats", "Sample", "expand_shards", "read_tar", "iter_shard",
-    "ShardSource", "ShardWriter", "check_image_bytes", "split_slots",
+    "ShardSource", "ShardWriter", "check_image_bytes", "image_mode", "RGB_MODES", "split_slots",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -48,7 +50,11 @@ CAPTION_KEYS = ("caption", "text", "txt")
 # Reasons a sample or shard is skipped.  Shard-level ones count shards, the rest samples.
 SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_tar")
 SAMPLE_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_caption", "corrupt_image",
-                  "truncated_image", "truncated_sample")
+                  "truncated_image", "truncated_sample", "wrong_mode:<mode>")
+# Image modes (Pillow's names) delivered as they are; the others are skipped as "wrong_mode:<mode>"
+# (grayscale L/1, LA, RGBA, CMYK, 16-bit I;16/RGB;16/...) unless the loader is told to convert them.
+# A palette PNG is a colour image stored compactly: it is converted to RGB, losslessly.
+RGB_MODES = ("RGB", "P")
 
 
 class DataStats:
@@ -127,6 +133,7 @@ class Sample:
     shard: str = ""
     uid: tuple = (0, 0)
     members: dict = field(default_factory=dict)  # every member's bytes, by extension (for rewriting)
+    mode: Optional[str] = None  # the image's mode from its header (None: not checked, or unknown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +288,59 @@ def check_image_bytes(data: bytes, ext: str) -> Optional[str]:
     return "corrupt_image"
 
 
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT/JPG/DAC)
+_PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_PNG_16 = {"L": "I;16", "RGB": "RGB;16", "LA": "LA;16", "RGBA": "RGBA;16"}
+
+
+def image_mode(data: bytes) -> Optional[str]:
+    """The image's mode in Pillow's names, read from its header without decoding, or None when
+    the header does not say (the decoders then decide).
+
+    JPEG: the frame's component count (1 ``L``, 3 ``RGB``, 4 ``CMYK``, which includes YCCK).
+    PNG: IHDR's colour type and bit depth (``L``, ``1``, ``RGB``, ``P``, ``LA``, ``RGBA``; 16-bit
+    ones as ``I;16``, ``RGB;16``, ...).  WebP: ``RGBA`` when it declares alpha, else ``RGB``.
+    """
+    n = len(data)
+    if data[:3] == b"\xff\xd8\xff":
+        i = 2
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+                i += 2
+                continue
+            if marker in _JPEG_SOF:
+                return {1: "L", 3: "RGB", 4: "CMYK"}.get(data[i + 9]) if i + 10 <= n else None
+            if marker == 0xDA:  # scan data before any frame header: not a valid JPEG
+                return None
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and n >= 26:
+        depth, colour = data[24], data[25]
+        mode = _PNG_MODES.get(colour)
+        if mode is None:
+            return None
+        if depth == 16:
+            return _PNG_16.get(mode)
+        if mode == "L" and depth == 1:
+            return "1"
+        return mode
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and n >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            return "RGBA" if data[20] & 0x10 else "RGB"
+        if chunk == b"VP8L":
+            return "RGBA" if (int.from_bytes(data[21:25], "little") >> 28) & 1 else "RGB"
+        if chunk == b"VP8 ":
+            return "RGB"
+    return None
+
+
 def _caption_of(members: dict) -> tuple[Optional[str], Optional[str], Optional[dict]]:
     """(caption, reason if none, parsed json or None)."""
     meta = None
@@ -320,7 +380,7 @@ def _label_of(members: dict, meta: Optional[dict]) -> int:
 
 
 def _make_sample(key: str, members: dict, shard: str, uid: tuple, check_images: bool,
-                 keep_members: bool) -> tuple[Optional[Sample], Optional[str]]:
+                 keep_members: bool, skip_modes: bool = True) -> tuple[Optional[Sample], Optional[str]]:
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None:
         return None, "missing_image"
@@ -332,13 +392,22 @@ def _make_sample(key: str, members: dict, shard: str, uid: tuple, check_images: 
         why = check_image_bytes(data, image_ext)
         if why:
             return None, why
+        mode = image_mode(data)
+        if skip_modes and mode is not None and mode not in RGB_MODES:
+            return None, f"wrong_mode:{mode}"
+    else:
+        mode = None
     return Sample(key=key, image=data, image_ext=image_ext, caption=caption, label=_label_of(members, meta),
-                  shard=shard, uid=uid, members=dict(members) if keep_members else {}), None
+                  shard=shard, uid=uid, members=dict(members) if keep_members else {}, mode=mode), None
 
 
 def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = None, check_images: bool = True,
-               keep_members: bool = False) -> Iterator[tuple[Optional[Sample], Optional[str], str]]:
+               keep_members: bool = False,
+               skip_modes: bool = True) -> Iterator[tuple[Optional[Sample], Optional[str], str]]:
     """Every sample of one shard as ``(sample, None, where)`` or ``(None, reason, where)``.
+
+    ``check_images``: the structural check, and with ``skip_modes`` the mode check (see
+    :data:`RGB_MODES`), both from the bytes without decoding.
 
     Shard-level problems (missing, unreadable, truncated) are counted in ``stats`` here; sample
     reasons are returned so that the caller decides which slot counts them.
@@ -361,7 +430,7 @@ def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = Non
                 k, ext = _split_name(name)
                 if k != key and key is not None:
                     sample, why = _make_sample(key, members, path, (shard_index, ordinal), check_images,
-                                               keep_members)
+                                               keep_members, skip_modes)
                     yield sample, why, f"{path}:{key}"
                     ordinal += 1
                     members = {}
@@ -380,7 +449,7 @@ def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = Non
                     return
                 # The damage is at or after a member boundary: this sample's members are intact.
                 sample, why = _make_sample(key, members, path, (shard_index, ordinal), check_images,
-                                           keep_members)
+                                           keep_members, skip_modes)
                 yield sample, why, f"{path}:{key}"
                 ordinal += 1
             if cut is not None:
@@ -390,7 +459,8 @@ def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = Non
             stats.skip("unreadable_shard", f"{path}: {exc}")
             return
         if key is not None:
-            sample, why = _make_sample(key, members, path, (shard_index, ordinal), check_images, keep_members)
+            sample, why = _make_sample(key, members, path, (shard_index, ordinal), check_images, keep_members,
+                                       skip_modes)
             yield sample, why, f"{path}:{key}"
 
 
@@ -448,6 +518,9 @@ class ShardSource:
     split:        "auto" | "shard" | "sample" (see the module docstring)
     check_images: the cheap structural check (needed by DALI, which fails a whole batch on a
                   truncated image); the decoders catch the rest either way
+    wrong_modes:  "skip" (count grayscale, RGBA, CMYK, 16-bit... images as ``wrong_mode:<mode>``)
+                  or "convert" (deliver them; the decoders convert to RGB and count
+                  ``converted:<mode>`` in the notes)
     """
 
     shards: Union[str, Sequence[str]]
@@ -458,6 +531,7 @@ class ShardSource:
     split: str = "auto"
     check_images: bool = True
     keep_members: bool = False
+    wrong_modes: str = "skip"
 
     def __post_init__(self):
         self.urls = expand_shards(self.shards)
@@ -465,6 +539,8 @@ class ShardSource:
             raise ValueError(f"split must be 'auto', 'shard' or 'sample', got {self.split!r}")
         if self.shuffle < 0:
             raise ValueError(f"shuffle must be >= 0 (a buffer size), got {self.shuffle}")
+        if self.wrong_modes not in ("skip", "convert"):
+            raise ValueError(f"wrong_modes must be 'skip' or 'convert', got {self.wrong_modes!r}")
 
     def split_mode(self, slots: int) -> str:
         if self.split != "auto":
@@ -513,7 +589,8 @@ class ShardSource:
                     good += 1
 
     def _shard(self, i: int, stats: DataStats):
-        return iter_shard(self.urls[i], i, stats, self.check_images, self.keep_members)
+        return iter_shard(self.urls[i], i, stats, self.check_images, self.keep_members,
+                          self.wrong_modes == "skip")
 
     def _resampled(self, rng: random.Random, stats: DataStats) -> Iterator[Sample]:
         empty_draws = 0

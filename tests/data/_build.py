@@ -45,6 +45,20 @@ def png16_rgb(h: int, w: int, rgb16=(50000, 1000, 1000)) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+# name -> the mode the header declares (fastclip.data.shards.image_mode) for odd_mode_images()
+ODD_MODES = {"grayscale_jpeg": "L", "cmyk_jpeg": "CMYK", "rgba_png": "RGBA", "palette_png": "P", "la_png": "LA",
+             "gray16_png": "I;16", "rgb16_png": "RGB;16", "webp": "RGB", "webp_alpha": "RGBA", "bilevel_png": "1"}
+
+
+def _with_clear_corner(img):
+    """RGBA with a transparent top-left corner (an all-opaque alpha would be dropped by the encoder)."""
+    rgba = img.convert("RGBA")
+    for x in range(3):
+        for y in range(3):
+            rgba.putpixel((x, y), (0, 0, 0, 0))
+    return rgba
+
+
 def odd_mode_images() -> dict:
     """name -> (bytes, extension, expected RGB of pixel (0, 0) within a JPEG tolerance)."""
     from PIL import Image
@@ -60,6 +74,8 @@ def odd_mode_images() -> dict:
         "gray16_png": (encode(gray16, "PNG"), "png", (40000 >> 8,) * 3),
         "rgb16_png": (png16_rgb(20, 24), "png", (50000 >> 8, 1000 >> 8, 1000 >> 8)),
         "webp": (encode(flat, "WEBP", quality=95), "webp", (200, 30, 30)),
+        "webp_alpha": (encode(_with_clear_corner(flat), "WEBP", lossless=True), "webp", (200, 30, 30)),
+        "bilevel_png": (encode(Image.new("1", (24, 20), 1), "PNG"), "png", (255, 255, 255)),
     }
 
 

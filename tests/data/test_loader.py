@@ -11,7 +11,7 @@ from fastclip.data import ClipLoader, backend_reasons, select_backend
 from fastclip.data.augment import CLIP_MEAN, CLIP_STD
 from fastclip.ops import dispatch
 
-from ._build import bad_set, dali_available, odd_mode_images, write_good_shards, write_tar
+from ._build import ODD_MODES, bad_set, dali_available, good_sample, odd_mode_images, write_good_shards, write_tar
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not importable (pip install "
                                                             "nvidia-dali-cuda130, the `dali` extra)")
@@ -85,7 +85,7 @@ def test_odd_image_modes_become_rgb(tmp_path, backend, tokenizer):
     write_tar(tmp_path / "modes.tar",
               [(name, {ext: data, "txt": name}) for name, (data, ext, _) in cases.items()])
     loader = ClipLoader(str(tmp_path / "modes.tar"), 16, image_size=8, train=False, backend=backend,
-                        tokenizer=tokenizer, return_meta=True)
+                        tokenizer=tokenizer, return_meta=True, wrong_modes="convert")
     (images, _, meta), = list(loader)
     assert sorted(meta["keys"]) == sorted(cases)  # nothing skipped
     unit = _unnormalise(images) * 255
@@ -93,9 +93,33 @@ def test_odd_image_modes_become_rgb(tmp_path, backend, tokenizer):
         want = torch.tensor(cases[key][2], dtype=torch.float32)
         got = unit[row, :, 4, 4]
         assert (got - want).abs().max() < 14, f"{key}: got {got.tolist()}, want {want.tolist()}"
-    if backend == "pil":
-        notes = loader.epoch_stats.notes
-        assert notes["converted:CMYK"] == 1 and notes["converted:L"] == 1 and notes["converted:RGBA"] == 1
+    converted = {f"converted:{m}": 1 for m in ODD_MODES.values() if m != "RGB"}
+    converted["converted:RGBA"] = 2  # the RGBA PNG and the WebP with alpha
+    assert dict(loader.epoch_stats.notes) == converted and not loader.epoch_stats.skipped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_mode_images_are_skipped_and_counted_by_default(tmp_path, backend, tokenizer):
+    cases = odd_mode_images()
+    good = [good_sample(i) for i in range(5)]
+    odd = [(name, {ext: data, "txt": name}) for name, (data, ext, _) in cases.items()]
+    write_tar(tmp_path / "mixed.tar", good[:2] + odd[:5] + good[2:] + odd[5:])
+    loader = ClipLoader(str(tmp_path / "mixed.tar"), 4, image_size=8, backend=backend, tokenizer=tokenizer,
+                        return_meta=True)
+    with pytest.warns(UserWarning) as record:
+        keys = _keys(list(loader))
+    text = " ".join(str(w.message) for w in record)
+    assert "skipping wrong mode:L" in text and "'wrong_mode:CMYK': 1" in text
+    delivered = {"palette_png", "webp"}  # colour images: a palette PNG converts losslessly
+    assert sorted(keys) == sorted([k for k, _ in good] + list(delivered))
+    wrong = {}
+    for name, mode in ODD_MODES.items():
+        if name not in delivered:
+            wrong[f"wrong_mode:{mode}"] = wrong.get(f"wrong_mode:{mode}", 0) + 1
+    assert dict(loader.epoch_stats.skipped) == wrong
+    assert loader.epoch_stats.as_dict()["skipped/wrong_mode:CMYK"] == 1
+    with pytest.raises(ValueError, match="wrong_modes must be"):
+        ClipLoader(str(tmp_path / "mixed.tar"), 4, wrong_modes="drop", tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

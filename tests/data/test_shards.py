@@ -11,6 +11,7 @@ from fastclip.data.shards import (
     ShardSource,
     ShardWriter,
     check_image_bytes,
+    image_mode,
     expand_shards,
     iter_shard,
     read_tar,
@@ -159,3 +160,20 @@ def test_writer_round_trip(tmp_path):
     got = list(ShardSource(str(tmp_path / "w-{000..002}.tar")).iter(0, 0, 1))
     assert [s.caption for s in got] == [f"t{i}" for i in range(7)]
     assert got[4].image == jpeg(4)
+
+
+def test_image_mode_from_the_header():
+    from PIL import Image
+
+    from ._build import ODD_MODES, encode, odd_mode_images
+    for name, (data, _, _) in odd_mode_images().items():
+        assert image_mode(data) == ODD_MODES[name], name
+        assert Image.open(__import__("io").BytesIO(data)).mode.split(";")[0] in ODD_MODES[name] + "IRGBA", name
+    rgb = Image.new("RGB", (9, 7), (1, 2, 3))
+    assert image_mode(encode(rgb, "JPEG")) == "RGB"
+    assert image_mode(encode(rgb, "JPEG", progressive=True)) == "RGB"
+    assert image_mode(encode(rgb, "PNG")) == "RGB"
+    assert image_mode(encode(rgb, "WEBP", lossless=True)) == "RGB"
+    assert image_mode(b"\xff\xd8\xff\xe0" + bytes(range(256)) + b"\xff\xd9") is None  # no frame header
+    assert image_mode(b"not an image") is None
+    assert image_mode(encode(rgb, "JPEG")[:20]) is None  # cut before the frame header
