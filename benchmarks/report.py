@@ -4,7 +4,9 @@
     python benchmarks/report.py benchmarks/results/cpu.json            # writes cpu.md and cpu_*.png
     python benchmarks/report.py benchmarks/results/cpu.json --readme   # also prints the README tables
 
-The JSON is the raw record.  This script only reads it: per (loss, device, dtype, D, mode) a table
+The JSON is the raw record.  This script only reads it.  Data-pipeline records
+(``test_data_bench.py``) become a loader table (images/s, ratio to the PIL fallback, time to the
+first batch), a tokenizer table and the dataset-generation time.  Loss records: per (loss, device, dtype, D, mode) a table
 of N x provider with the median time and its spread (IQR, and the number of rounds), the ratio to
 the 8 N^2 D (CLIP fwd+bwd; see test_loss_bench.py for the other modes) floor, the achieved
 GFLOP/s, and the peak extra memory; cases that were skipped (e.g. materialised logits that cannot
@@ -260,6 +262,49 @@ def markdown(rep, plots: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data-pipeline records (test_data_bench.py)
+# ----------------------------------------------------------------------------------------------
+LOADER_ORDER = ("pil", "dali", "dali-mixed")
+
+
+def data_tables(raw: dict) -> list[str]:
+    """Markdown for the loader, tokenizer and dataset-generation records of a data-bench JSON
+    (empty when it has none)."""
+    loaders, tokenizers, other = {}, {}, []
+    for b in raw.get("benchmarks", []):
+        e = b.get("extra_info") or {}
+        if e.get("kind") == "loader":
+            loaders[(e["set"], e["preset"], e["provider"])] = e
+        elif e.get("kind") == "tokenizer":
+            tokenizers[e["provider"]] = e
+        elif "samples" in e and "seconds" in e:
+            other.append((b["name"], e))
+    out = []
+    if loaders:
+        first = next(iter(loaders.values()))
+        out += [f"Loader: images/s of decode + augment + tokenise, {first.get('threads')} threads, batch "
+                f"{first.get('batch')}, {first.get('images')} images an epoch ({first.get('machine', '')})"
+                + ("; **quick mode: the timings mean nothing**" if first.get("quick") else ""), "",
+                "| set | preset | provider | images/s | × PIL fallback | first batch |",
+                "|---|---|---|---:|---:|---:|"]
+        for (st, preset, prov), e in sorted(loaders.items(), key=lambda kv: (
+                kv[0][0], kv[0][1], LOADER_ORDER.index(kv[0][2]) if kv[0][2] in LOADER_ORDER else 9)):
+            out.append(f"| {st} ({e.get('out_px')} px out) | {preset} | {prov} | {e['images_per_s']:.0f} | "
+                       f"{_f(e.get('x_pil'), '.2f')} | {_f(e.get('first_batch_s'), '.3f')} s |")
+        out.append("")
+    if tokenizers:
+        out += ["| tokenizer | captions/s | × open_clip | ids identical to open_clip |", "|---|---:|---:|---|"]
+        for prov, e in sorted(tokenizers.items()):
+            out.append(f"| {prov} | {e['captions_per_s']:.0f} | {_f(e.get('x_open_clip'), '.1f')} | "
+                       f"{'yes' if e.get('ids_identical_to_open_clip') else '—'} |")
+        out.append("")
+    for name, e in other:
+        target = f" (target {e['target_s']:g} s)" if e.get("target_s") else ""
+        out.append(f"- {name}: {e['samples']} samples in {e['seconds']:.2f} s{target}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------
 def plot(rep, out_dir: str, stem: str) -> list[str]:
@@ -325,12 +370,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     rep = load(args.json)
-    if not rep["rows"]:
-        print(f"{args.json}: no loss benchmark results in it", file=sys.stderr)
-        return 1
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.json))[0]
+    data = data_tables(rep["raw"])
+    if data:
+        md_path = os.path.join(out_dir, f"{stem}.md")
+        with open(md_path, "w") as f:
+            f.write("\n".join([f"# Data-pipeline benchmarks: {os.path.basename(args.json)}", ""] + data) + "\n")
+        print(f"wrote {md_path}")
+        if args.readme:
+            print("\n".join(data))
+    if not rep["rows"]:
+        if not data:
+            print(f"{args.json}: no loss or data benchmark results in it", file=sys.stderr)
+            return 1
+        return 0
+    if data:
+        stem += "-loss"
     plots = [] if args.no_plots else plot(rep, out_dir, stem)
     md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w") as f:

@@ -47,6 +47,33 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
+_OMP_SET: list = []
+
+
+def _single_threaded_torch() -> None:
+    """Make torch single-threaded in the calling thread only (the loader's pool threads: several
+    of them each running torch's own OpenMP threads would oversubscribe the cores).
+
+    ``torch.set_num_threads`` would not do: besides this thread it sets the process-wide default
+    that every thread starting later inherits.  OpenMP's own ``omp_set_num_threads`` sets only
+    the calling thread's count, which torch's parallel loops follow; it is called after torch
+    has initialised this thread's threading state (which would otherwise override it).  Where
+    the OpenMP runtime is not reachable (another platform or threading backend), nothing is
+    changed: slower, not wrong.
+    """
+    if not _OMP_SET:
+        import ctypes
+        try:
+            fn = ctypes.CDLL(None).omp_set_num_threads
+            fn.argtypes, fn.restype = [ctypes.c_int], None
+        except (AttributeError, OSError):
+            fn = None
+        _OMP_SET.append(fn)
+    if _OMP_SET[0] is not None:
+        torch.get_num_threads()  # torch's lazy per-thread initialisation first
+        _OMP_SET[0](1)
+
+
 def _dali_check(device=None, dtype=None, **_) -> list:
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         return ["device is CUDA but torch.cuda.is_available() is False"]
@@ -314,10 +341,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         return self._augment_views([r.permute(0, 2, 3, 1) for r in resized], generator, pool)
 
     def _pool(self, name: str) -> ThreadPoolExecutor:
-        # torch runs single-threaded in these threads (OpenMP's thread count is per calling
-        # thread): they neither oversubscribe the cores nor change the caller's setting.
-        return ThreadPoolExecutor(self.num_threads, thread_name_prefix=name, initializer=torch.set_num_threads,
-                                  initargs=(1,))
+        return ThreadPoolExecutor(self.num_threads, thread_name_prefix=name, initializer=_single_threaded_torch)
 
     def _in_pool(self, pool: ThreadPoolExecutor, n: int, work: Callable[[int, int], None]) -> None:
         """``work(lo, hi)`` over ``range(n)`` cut into one part per thread of ``pool``."""

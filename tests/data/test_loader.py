@@ -324,10 +324,34 @@ def test_kept_batches_are_never_overwritten(tmp_path, backend, tokenizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loader_leaves_the_callers_torch_threads_alone(tmp_path, backend, tokenizer):
-    before = torch.get_num_threads()
-    list(ClipLoader(write_good_shards(tmp_path, 1, 6), 4, image_size=16, backend=backend, tokenizer=tokenizer))
-    assert torch.get_num_threads() == before
+def test_loader_leaves_torch_threads_alone(tmp_path, backend):
+    """The pool threads run torch single-threaded, without changing the thread count of the caller
+    or of threads started later (a fresh process: its main thread has not touched torch threads)."""
+    paths = write_good_shards(tmp_path, 1, 6)
+    code = f"""
+import threading, torch
+from fastclip.data import ClipLoader
+from fastclip.data.loader import _single_threaded_torch
+from tests.data._build import fake_tokenizer
+loader = ClipLoader({paths!r}, 4, image_size=16, backend={backend!r}, tokenizer=fake_tokenizer)
+assert sum(len(b[0]) for b in loader) == 6
+later = []
+t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+t.start(); t.join()
+inside = []
+def pool_thread():
+    _single_threaded_torch()
+    inside.append(torch.get_num_threads())
+t = threading.Thread(target=pool_thread)
+t.start(); t.join()
+print(torch.get_num_threads(), later[0], inside[0])
+"""
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[2])).stdout.split()
+    assert out[:2] == [default, default]
+    assert out[2] == "1"
 
 
 @needs_dali
