@@ -10,14 +10,19 @@ every backend's reason when none can run.
           crops, resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.
           On CPU, DALI decodes (a random-resized crop fused into the decoder) in ``num_threads``
           C++ threads, and ``num_threads`` Python threads resize with torch's uint8 kernels, then
-          the colour knobs run as the batched tensor operations below; DALI's own CPU resize and
-          colour operators are several times slower than these (figures in ``_dali.py``).
+          run the colour knobs as the batched tensor operations below, each thread on its part
+          of the batch; DALI's own CPU resize and colour operators are several times slower
+          than these (figures in ``_dali.py``).
 ``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
           resizing; JPEGs decode at reduced scale when the crop allows), then the colour knobs run
-          as batched tensor operations (``fastclip.data.augment``) on ``device``.
+          as batched tensor operations (``fastclip.data.augment``): on CPU in the same threads,
+          each on its part of the batch; on a GPU ``device`` there.
 
-Both run in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the
-training step.  Tokenisation is one batched call per batch.
+Torch runs single-threaded in those Python threads (see ``_single_threaded_torch``).  Both run
+in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the training
+step.  Tokenisation is one batched call per batch.  On CPU, batch memory is recycled once the
+caller no longer holds any tensor, view or array of a batch (``_recycle.py``), which saves the
+kernel's page-fault work on every new batch; batches the caller keeps are never reused.
 """
 from __future__ import annotations
 
