@@ -90,6 +90,8 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--no-histogram", action="store_true")
+    p.add_argument("--wrong-modes", default="convert", choices=("convert", "skip"),
+                   help="grayscale/RGBA/CMYK/16-bit images: score them as RGB (default) or drop them")
 
 
 def _run_data_command(args, parser) -> bool:
@@ -114,7 +116,7 @@ def _run_data_command(args, parser) -> bool:
                                image_size=args.image_size, checkpoint=args.checkpoint,
                                batch_size=args.batch_size, backend=args.backend, num_threads=args.threads,
                                device=args.device, samples_per_shard=args.samples_per_shard,
-                               histogram=not args.no_histogram)
+                               histogram=not args.no_histogram, wrong_modes=args.wrong_modes)
         print(json.dumps(report, indent=1))
         return True
     return False

@@ -8,7 +8,8 @@ batch tensor is made with ``torch.from_numpy`` over a fresh ndarray view of a po
 tensor's storage owns that view, and the pool holds only a weak reference to it.  The weak
 reference dies exactly when the last tensor, view, ``.numpy()`` array or DLPack capsule made
 from the batch is gone; only then is the buffer reused.  A caller who keeps batches keeps their
-memory; at most ``keep`` idle buffers per shape are held, the rest go back to the allocator.
+memory; at most ``keep`` idle buffers per size are held, the rest go back to the allocator, and
+the loader releases the idle ones at the end of every epoch (``release``).
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ class BufferPool:
             if len(free) < self.keep:
                 free.append(buf)
         self._lent = alive
+
+    def release(self) -> None:
+        """Forget the idle buffers (the allocator gets their memory back); batches still held by
+        the caller keep theirs until they are dropped."""
+        with self._lock:
+            self._reclaim()
+            self._free.clear()
 
     def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

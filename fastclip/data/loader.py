@@ -52,31 +52,46 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
-_OMP_SET: list = []
+_THREAD_SETTERS: list = []
+
+
+def _thread_setters() -> list:
+    """C entry points that set the calling thread's own thread count: OpenMP's (torch's parallel
+    loops) and MKL's (torch's CPU matmuls); those not found are left out."""
+    if not _THREAD_SETTERS:
+        import ctypes
+        import os
+        found = []
+        libs = [None, os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")]
+        for name in ("omp_set_num_threads", "MKL_Set_Num_Threads_Local"):
+            for lib in libs:
+                try:
+                    fn = getattr(ctypes.CDLL(lib), name)
+                except Exception:  # no such library or symbol; CDLL(None) is a TypeError on Windows
+                    continue
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int if name.startswith("MKL") else None
+                found.append(fn)
+                break
+        _THREAD_SETTERS.append(found)
+    return _THREAD_SETTERS[0]
 
 
 def _single_threaded_torch() -> None:
     """Make torch single-threaded in the calling thread only (the loader's pool threads: several
-    of them each running torch's own OpenMP threads would oversubscribe the cores).
+    of them each running torch's own threads would oversubscribe the cores).
 
     ``torch.set_num_threads`` would not do: besides this thread it sets the process-wide default
-    that every thread starting later inherits.  OpenMP's own ``omp_set_num_threads`` sets only
-    the calling thread's count, which torch's parallel loops follow; it is called after torch
-    has initialised this thread's threading state (which would otherwise override it).  Where
-    the OpenMP runtime is not reachable (another platform or threading backend), nothing is
-    changed: slower, not wrong.
+    that every thread starting later inherits.  OpenMP's ``omp_set_num_threads`` and MKL's
+    ``MKL_Set_Num_Threads_Local`` set only the calling thread's counts, which torch's parallel
+    loops and matmuls follow; they are called after torch has initialised this thread's
+    threading state (which would otherwise override them).  Where they cannot be reached
+    (another platform or threading backend), nothing is changed: slower, not wrong.
     """
-    if not _OMP_SET:
-        import ctypes
-        try:
-            fn = ctypes.CDLL(None).omp_set_num_threads
-            fn.argtypes, fn.restype = [ctypes.c_int], None
-        except (AttributeError, OSError):
-            fn = None
-        _OMP_SET.append(fn)
-    if _OMP_SET[0] is not None:
+    setters = _thread_setters()
+    if setters:
         torch.get_num_threads()  # torch's lazy per-thread initialisation first
-        _OMP_SET[0](1)
+        for fn in setters:
+            fn(1)
 
 
 def _dali_check(device=None, dtype=None, **_) -> list:
@@ -146,7 +161,8 @@ class ClipLoader(torch.utils.data.IterableDataset):
         tokenizer: texts -> LongTensor ``[B, context_length]``; default ``fastclip.get_tokenizer(model)``.
         backend: ``"auto"``, ``"dali"`` or ``"pil"``.
         device, dtype: where and in what float type images come out (float32, float16, bfloat16).
-        num_threads: decoding threads (DALI's or the PIL pool).
+        num_threads: decoding threads (DALI's or the PIL pool), and as many Python threads for
+            resizing and the colour operations (the PIL pool's own on the PIL backend).
         shuffle: shuffle buffer size (default 2000 when ``train`` else 0); shard order is shuffled too.
         seed: everything random (shard order, buffer, crops, colour) follows (seed, epoch, slot).
         resampled, samples: draw shards with replacement forever / stop after ``samples`` per slot.
@@ -157,6 +173,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         wrong_modes: "skip" (default): grayscale, RGBA/LA, CMYK and 16-bit images are skipped and
             counted as ``wrong_mode:<mode>``; "convert": they are delivered as RGB (as DALI's and
             Pillow's RGB conversions make them) and counted in ``stats.notes`` as ``converted:<mode>``.
+            Palette images are colour images and are delivered either way (``converted:P``).
 
     Yields ``(images, tokens)``; the simclr preset adds its extra views: ``(images, tokens, view1,
     view2)``; then ``labels`` and ``meta`` when asked for.  ``stats`` (cumulative) and
@@ -257,6 +274,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
                 except queue.Empty:
                     pass
             thread.join()
+            self._buffers.release()
             self.epoch_stats = stats
             self.stats.merge(stats)
             if finished and stats.skipped and self.warn:

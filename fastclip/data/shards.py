@@ -53,7 +53,8 @@ SAMPLE_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_capt
                   "truncated_image", "truncated_sample", "wrong_mode:<mode>")
 # Image modes (Pillow's names) delivered as they are; the others are skipped as "wrong_mode:<mode>"
 # (grayscale L/1, LA, RGBA, CMYK, 16-bit I;16/RGB;16/...) unless the loader is told to convert them.
-# A palette PNG is a colour image stored compactly: it is converted to RGB, losslessly.
+# A palette PNG is a colour image stored compactly: it is delivered converted to RGB (noted as
+# ``converted:P``; a palette transparency, if any, is dropped as alpha is for the decoders' RGB).
 RGB_MODES = ("RGB", "P")
 
 
@@ -294,19 +295,22 @@ _PNG_16 = {"L": "I;16", "RGB": "RGB;16", "LA": "LA;16", "RGBA": "RGBA;16"}
 
 
 def image_mode(data: bytes) -> Optional[str]:
-    """The image's mode in Pillow's names, read from its header without decoding, or None when
-    the header does not say (the decoders then decide).
+    """The image's mode, read from its header without decoding, or None when the header does not
+    say (the decoders then decide).  Names are Pillow's, except that 16-bit colour PNGs (which
+    Pillow opens as 8-bit ``RGB``/``RGBA``/``LA``) are told apart as ``RGB;16``/``RGBA;16``/``LA;16``.
 
     JPEG: the frame's component count (1 ``L``, 3 ``RGB``, 4 ``CMYK``, which includes YCCK).
     PNG: IHDR's colour type and bit depth (``L``, ``1``, ``RGB``, ``P``, ``LA``, ``RGBA``; 16-bit
-    ones as ``I;16``, ``RGB;16``, ...).  WebP: ``RGBA`` when it declares alpha, else ``RGB``.
+    grayscale ``I;16``).  WebP: ``RGBA`` when it declares alpha, else ``RGB``.
     """
     n = len(data)
     if data[:3] == b"\xff\xd8\xff":
         i = 2
         while i + 4 <= n:
-            if data[i] != 0xFF:
-                return None
+            if data[i] != 0xFF:  # stray bytes between segments: decoders skip them, so do we
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 4 > n:
+                    return None
             marker = data[i + 1]
             if marker == 0xFF:  # fill byte
                 i += 1
@@ -380,7 +384,7 @@ def _label_of(members: dict, meta: Optional[dict]) -> int:
 
 
 def _make_sample(key: str, members: dict, shard: str, uid: tuple, check_images: bool,
-                 keep_members: bool, skip_modes: bool = True) -> tuple[Optional[Sample], Optional[str]]:
+                 keep_members: bool, skip_modes: bool = False) -> tuple[Optional[Sample], Optional[str]]:
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None:
         return None, "missing_image"
@@ -403,7 +407,7 @@ def _make_sample(key: str, members: dict, shard: str, uid: tuple, check_images: 
 
 def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = None, check_images: bool = True,
                keep_members: bool = False,
-               skip_modes: bool = True) -> Iterator[tuple[Optional[Sample], Optional[str], str]]:
+               skip_modes: bool = False) -> Iterator[tuple[Optional[Sample], Optional[str], str]]:
     """Every sample of one shard as ``(sample, None, where)`` or ``(None, reason, where)``.
 
     ``check_images``: the structural check, and with ``skip_modes`` the mode check (see
@@ -518,9 +522,9 @@ class ShardSource:
     split:        "auto" | "shard" | "sample" (see the module docstring)
     check_images: the cheap structural check (needed by DALI, which fails a whole batch on a
                   truncated image); the decoders catch the rest either way
-    wrong_modes:  "skip" (count grayscale, RGBA, CMYK, 16-bit... images as ``wrong_mode:<mode>``)
-                  or "convert" (deliver them; the decoders convert to RGB and count
-                  ``converted:<mode>`` in the notes)
+    wrong_modes:  "convert" (deliver every image; the decoders convert to RGB) or "skip" (count
+                  grayscale, RGBA, CMYK, 16-bit... images as ``wrong_mode:<mode>``; needs
+                  ``check_images``).  :class:`~fastclip.data.ClipLoader` skips by default.
     """
 
     shards: Union[str, Sequence[str]]
@@ -531,7 +535,7 @@ class ShardSource:
     split: str = "auto"
     check_images: bool = True
     keep_members: bool = False
-    wrong_modes: str = "skip"
+    wrong_modes: str = "convert"
 
     def __post_init__(self):
         self.urls = expand_shards(self.shards)
@@ -541,6 +545,9 @@ class ShardSource:
             raise ValueError(f"shuffle must be >= 0 (a buffer size), got {self.shuffle}")
         if self.wrong_modes not in ("skip", "convert"):
             raise ValueError(f"wrong_modes must be 'skip' or 'convert', got {self.wrong_modes!r}")
+        if self.wrong_modes == "skip" and not self.check_images:
+            raise ValueError("wrong_modes='skip' needs check_images=True (modes are read from the image "
+                             "headers by the check)")
 
     def split_mode(self, slots: int) -> str:
         if self.split != "auto":

@@ -40,11 +40,13 @@ def _resolve_model(model, image_size: int, checkpoint: Optional[str], device: to
 def score_pairs(shards, model: Union[str, torch.nn.Module] = "ViT-Ti-16", *, image_size: int = 64,
                 checkpoint: Optional[str] = None, tokenizer=None, batch_size: int = 256,
                 backend: str = "auto", num_threads: int = 2, device="cpu",
-                model_name: Optional[str] = None) -> tuple[dict, DataStats]:
+                model_name: Optional[str] = None, wrong_modes: str = "convert") -> tuple[dict, DataStats]:
     """({uid: cosine similarity}, stats) for every good pair of ``shards``.
 
     ``model``: a name for ``fastclip.create_model`` (with ``checkpoint`` for trained weights) or a
     model; ``tokenizer`` defaults to ``fastclip.get_tokenizer(model_name or model)``.
+    ``wrong_modes``: "convert" (default: grayscale, RGBA, CMYK, 16-bit images are scored as RGB,
+    so filtering judges pairs by content only) or "skip" (see :class:`fastclip.data.ClipLoader`).
     """
     device = torch.device(device)
     net = _resolve_model(model, image_size, checkpoint, device)
@@ -53,7 +55,8 @@ def score_pairs(shards, model: Union[str, torch.nn.Module] = "ViT-Ti-16", *, ima
         tokenizer = get_tokenizer(name)
     loader = ClipLoader(shards, batch_size, image_size=image_size, augment="clip", train=False, shuffle=0,
                         tokenizer=tokenizer, backend=backend, num_threads=num_threads, device=device,
-                        rank=0, world_size=1, worker=0, num_workers=1, return_meta=True)
+                        rank=0, world_size=1, worker=0, num_workers=1, return_meta=True,
+                        wrong_modes=wrong_modes)
     scores = {}
     for images, tokens, meta in loader:
         fi = net.encode_image(images, normalize=True)
@@ -90,8 +93,11 @@ def filter_shards(shards, out_dir: str, *, keep: float = 0.4,
                   model: Union[str, torch.nn.Module] = "ViT-Ti-16", image_size: int = 64,
                   checkpoint: Optional[str] = None, tokenizer=None, batch_size: int = 256,
                   backend: str = "auto", num_threads: int = 2, device="cpu", samples_per_shard: int = 1000,
-                  histogram: bool = True, prefix: str = "shard") -> dict:
+                  histogram: bool = True, prefix: str = "shard", wrong_modes: str = "convert") -> dict:
     """Keep the top ``keep`` fraction (0 < keep <= 1) of ``shards`` by CLIP score; write new shards.
+
+    ``wrong_modes`` as in :func:`score_pairs`: by default images of other modes than RGB are
+    scored (as RGB) and kept or dropped by score like the rest; "skip" drops them all.
 
     Returns the report also written to ``out_dir/filter.json``: ``scored``, ``kept``,
     ``threshold`` (lowest kept score), ``shards`` (pattern of the new shards, absolute),
@@ -103,7 +109,7 @@ def filter_shards(shards, out_dir: str, *, keep: float = 0.4,
     os.makedirs(out_dir, exist_ok=True)
     scores, stats = score_pairs(shards, model, image_size=image_size, checkpoint=checkpoint,
                                 tokenizer=tokenizer, batch_size=batch_size, backend=backend,
-                                num_threads=num_threads, device=device)
+                                num_threads=num_threads, device=device, wrong_modes=wrong_modes)
     n = len(scores)
     n_keep = min(n, max(1, round(keep * n))) if n else 0
     ranked = sorted(scores, key=lambda u: (-scores[u], u))  # ties: the earlier sample first

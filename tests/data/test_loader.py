@@ -329,29 +329,37 @@ def test_loader_leaves_torch_threads_alone(tmp_path, backend):
     or of threads started later (a fresh process: its main thread has not touched torch threads)."""
     paths = write_good_shards(tmp_path, 1, 6)
     code = f"""
-import threading, torch
+import ctypes, os, sys, threading, torch
+if sys.argv[1] == "set":  # a training script's own setting, which per-thread start-up copies
+    torch.set_num_threads(2)
 from fastclip.data import ClipLoader
 from fastclip.data.loader import _single_threaded_torch
 from tests.data._build import fake_tokenizer
 loader = ClipLoader({paths!r}, 4, image_size=16, backend={backend!r}, tokenizer=fake_tokenizer)
 assert sum(len(b[0]) for b in loader) == 6
+try:
+    mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Get_Max_Threads
+except (OSError, AttributeError):
+    mkl = lambda: 1
 later = []
 t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
 t.start(); t.join()
 inside = []
 def pool_thread():
     _single_threaded_torch()
-    inside.append(torch.get_num_threads())
+    inside.append((torch.get_num_threads(), mkl()))
 t = threading.Thread(target=pool_thread)
 t.start(); t.join()
-print(torch.get_num_threads(), later[0], inside[0])
+print(torch.get_num_threads(), later[0], *inside[0])
 """
+    root = str(__import__("pathlib").Path(__file__).parents[2])
     default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).parents[2])).stdout.split()
-    assert out[:2] == [default, default]
-    assert out[2] == "1"
+    for mode, want in (("default", default), ("set", "2")):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
+                             cwd=root).stdout.split()
+        assert out[:2] == [want, want], mode  # the caller's and later threads' counts are untouched
+        assert out[2:] == ["1", "1"], mode  # a pool thread: OpenMP and MKL single-threaded
 
 
 @needs_dali

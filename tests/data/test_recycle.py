@@ -59,3 +59,20 @@ def test_dtypes_and_the_idle_cap():
     del many
     _fresh(pool)  # reclaims: at most `keep` idle buffers of a size stay
     assert all(len(v) <= 2 for v in pool._free.values())
+
+
+def test_release_forgets_idle_buffers_only():
+    pool = BufferPool()
+    held, idle = _fresh(pool), _fresh(pool)
+    held.fill_(3.0)
+    held_ptr = held.data_ptr()
+    del idle
+    pool.release()
+    assert not any(pool._free.values())  # the idle buffer is gone
+    assert len(pool._lent) == 1  # the held one is still tracked
+    fresh = _fresh(pool)
+    fresh.fill_(-1.0)
+    assert fresh.data_ptr() != held_ptr and (held == 3.0).all()
+    del held
+    pool.release()  # reclaims the dropped batch, then forgets it
+    assert not any(pool._free.values()) and len(pool._lent) == 1

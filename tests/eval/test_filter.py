@@ -94,3 +94,23 @@ def test_cli_make_dataset_then_filter(tmp_path, capsys):
     assert os.path.exists(tmp_path / "f" / "score_histogram.png")
     with pytest.raises(SystemExit):
         cli_main(["filter", "x.tar", "--out", str(tmp_path / "g"), "--top", "0"])
+
+
+@pytest.mark.parametrize("wrong_modes", ["convert", "skip"])
+def test_wrong_mode_images_are_scored_unless_asked_to_skip(tmp_path, small_model, wrong_modes):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from data._build import good_sample, odd_mode_images, write_tar
+    odd = odd_mode_images()
+    samples = [good_sample(i) for i in range(4)] + [
+        (name, {ext: data, "txt": name}) for name, (data, ext, _) in odd.items() if name in ("grayscale_jpeg", "cmyk_jpeg")]
+    write_tar(tmp_path / "in.tar", samples)
+    import contextlib
+    with pytest.warns(UserWarning, match="wrong mode") if wrong_modes == "skip" else contextlib.nullcontext():
+        report = filter_shards(str(tmp_path / "in.tar"), str(tmp_path / "out"), keep=1.0, model=small_model,
+                               image_size=32, histogram=False, wrong_modes=wrong_modes)
+    kept = {s.key for s in _read(report["shards"])}
+    if wrong_modes == "convert":
+        assert report["scored"] == 6 and {"grayscale_jpeg", "cmyk_jpeg"} <= kept and not report["skipped"]
+    else:
+        assert report["scored"] == 4 and not kept & {"grayscale_jpeg", "cmyk_jpeg"}
+        assert report["skipped"] == {"wrong_mode:L": 1, "wrong_mode:CMYK": 1}
