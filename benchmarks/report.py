@@ -6,7 +6,8 @@
 
 The JSON is the raw record.  This script only reads it.  Data-pipeline records
 (``test_data_bench.py``) become a loader table (images/s, ratio to the PIL fallback, time to the
-first batch), a tokenizer table and the dataset-generation time.  Loss records: per (loss, device, dtype, D, mode) a table
+first batch), a tokenizer table and the dataset-generation time.  Loss records: per (loss,
+device, dtype, D, mode) a table
 of N x provider with the median time and its spread (IQR, and the number of rounds), the ratio to
 the 8 N^2 D (CLIP fwd+bwd; see test_loss_bench.py for the other modes) floor, the achieved
 GFLOP/s, and the peak extra memory; cases that were skipped (e.g. materialised logits that cannot
@@ -293,7 +294,8 @@ def data_tables(raw: dict) -> list[str]:
                        f"{_f(e.get('x_pil'), '.2f')} | {_f(e.get('first_batch_s'), '.3f')} s |")
         out.append("")
     if tokenizers:
-        out += ["| tokenizer | captions/s | × open_clip | ids identical to open_clip |", "|---|---:|---:|---|"]
+        out += ["| tokenizer | captions/s | × open_clip | ids identical to open_clip |",
+                "|---|---:|---:|---|"]
         for prov, e in sorted(tokenizers.items()):
             out.append(f"| {prov} | {e['captions_per_s']:.0f} | {_f(e.get('x_open_clip'), '.1f')} | "
                        f"{'yes' if e.get('ids_identical_to_open_clip') else '—'} |")
@@ -377,7 +379,8 @@ def main(argv=None) -> int:
     if data:
         md_path = os.path.join(out_dir, f"{stem}.md")
         with open(md_path, "w") as f:
-            f.write("\n".join([f"# Data-pipeline benchmarks: {os.path.basename(args.json)}", ""] + data) + "\n")
+            title = f"# Data-pipeline benchmarks: {os.path.basename(args.json)}"
+            f.write("\n".join([title, ""] + data) + "\n")
         print(f"wrote {md_path}")
         if args.readme:
             print("\n".join(data))

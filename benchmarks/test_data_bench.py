@@ -15,7 +15,8 @@ What is measured
     crop/resize, the preset's colour ops, normalisation, batched tokenisation, hand-over to the
     caller), batch 256, 2 worker threads, no shuffle; one untimed warm-up epoch, then the timed
     rounds.  ``first_batch_s``: the median time from ``iter(loader)`` to the first batch (the
-    per-epoch start-up: threads, and for DALI building its pipeline), which the images/s include.  Providers: ``dali`` (DALI CPU pipeline, ``device_id=None``), ``pil`` (the fallback:
+    per-epoch start-up: threads, and for DALI building its pipeline), which the images/s include.
+    Providers: ``dali`` (DALI CPU pipeline, ``device_id=None``), ``pil`` (the fallback:
     PIL decoding in 2 threads + batched tensor ops), ``dali-mixed`` (DALI with GPU decoding,
     marked ``gpu``).  Presets ``clip`` (mild random-resized crop) and ``clip_aug`` (strong: crop,
     jitter, grayscale, blur, flip).  Sets: ``photo256`` (N 256 px JPEGs with texture, what

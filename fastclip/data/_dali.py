@@ -33,7 +33,7 @@ import torch
 
 from .augment import AugmentConfig
 
-__all__ = ["build_pipeline", "outputs_to_torch"]
+__all__ = ["build_pipeline", "outputs_to_torch", "decoded_arrays", "encoded_batch"]
 
 
 def _interp(types, name: str):

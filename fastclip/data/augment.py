@@ -10,10 +10,12 @@ Presets (``AugmentConfig.from_name``):
 ``simclr``    the ``clip`` view plus ``extra_views=2`` independently augmented ``clip_aug`` views of
               the same image (SLIP's self-supervised branch).
 
-Every preset is evaluated in two places with the same meaning: as DALI operators on the DALI path
-(``fastclip.data._dali``) and, elsewhere, as a per-sample crop box (applied by the decoder, so that
-a JPEG is decoded at reduced scale when the crop allows) followed by the batched tensor operations
-below on ``[B, 3, H, W]`` (CPU or GPU).  The colour operations run in a fixed order (brightness,
+Every preset is evaluated with the same meaning in three places: as DALI operators on the DALI
+GPU path (``fastclip.data._dali``, ``ops="all"``); on the DALI CPU path as DALI's fused random
+crop in the decoder, then :func:`resize_crop` and the batched tensor operations below; and on the
+PIL path as a per-sample crop box applied by the decoder (so that a JPEG is decoded at reduced
+scale when the crop allows), then the same batched tensor operations on ``[B, 3, H, W]`` (CPU or
+GPU).  The colour operations run in a fixed order (brightness,
 contrast, saturation, hue), as DALI's ``color_twist`` does, not in torchvision's random order.
 
 Determinism: crop boxes come from a ``random.Random`` and the tensor operations from a
@@ -32,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AugmentConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "crop_box", "int_box", "resize_crop",
-           "draw_params", "slice_params", "augment_batch", "augment_batch_reference", "gaussian_blur", "gaussian_blur_reference"]
+           "draw_params", "slice_params", "augment_batch", "augment_batch_reference", "gaussian_blur",
+           "gaussian_blur_reference"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,8 +187,9 @@ def resize_crop(image: torch.Tensor, box: Optional[tuple], size: int, interpolat
     ``size`` x ``size`` into ``out`` (uint8 [3, size, size]).
 
     Crop, then resize (torchvision's order: the filter does not reach outside the box), with
-    antialiased bilinear/bicubic as Pillow's ``crop(box).resize`` (its reference in the tests), through torch's uint8 channels-last kernels: on this project's CPU about 4x as fast
-    as Pillow's resize and 6x DALI's CPU ``fn.resize`` (bicubic, 256 px -> 224 px), and they
+    antialiased bilinear/bicubic as Pillow's ``crop(box).resize`` (its reference in the tests),
+    through torch's uint8 channels-last kernels: on this project's CPU about 4x as fast as
+    Pillow's resize and 6x DALI's CPU ``fn.resize`` (bicubic, 256 px -> 224 px), and they
     release the GIL, so a pool of threads scales.
     """
     if box is not None:
@@ -375,7 +379,8 @@ def gaussian_blur_reference(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
 _SCRATCH = threading.local()
 
 
-def _scratch(device: torch.device, shape: tuple, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _scratch(device: torch.device, shape: tuple, slot: int,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A per-thread reusable buffer: fresh large CPU tensors cost more in page faults than the
     arithmetic done on them, and the allocator returns them to the OS when freed."""
     if device.type != "cpu":
@@ -450,8 +455,8 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
             # normalisation all commute with a horizontal flip
             sel = flip[i:j].nonzero().view(-1)
             if dev.type == "cpu":  # per image: no batch-sized temporaries
-                for k in sel.tolist():
-                    x[k].copy_(src[k].flip(-1))
+                for row in sel.tolist():
+                    x[row].copy_(src[row].flip(-1))
             else:
                 sel = sel.to(dev)
                 x[sel] = x[sel].flip(-1)

@@ -46,8 +46,9 @@ def png16_rgb(h: int, w: int, rgb16=(50000, 1000, 1000)) -> bytes:
 
 
 # name -> the mode the header declares (fastclip.data.shards.image_mode) for odd_mode_images()
-ODD_MODES = {"grayscale_jpeg": "L", "cmyk_jpeg": "CMYK", "rgba_png": "RGBA", "palette_png": "P", "la_png": "LA",
-             "gray16_png": "I;16", "rgb16_png": "RGB;16", "webp": "RGB", "webp_alpha": "RGBA", "bilevel_png": "1"}
+ODD_MODES = {"grayscale_jpeg": "L", "cmyk_jpeg": "CMYK", "rgba_png": "RGBA", "palette_png": "P",
+             "la_png": "LA", "gray16_png": "I;16", "rgb16_png": "RGB;16", "webp": "RGB", "webp_alpha": "RGBA",
+             "bilevel_png": "1"}
 
 
 def _with_clear_corner(img):

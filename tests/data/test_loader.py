@@ -11,7 +11,15 @@ from fastclip.data import ClipLoader, backend_reasons, select_backend
 from fastclip.data.augment import CLIP_MEAN, CLIP_STD
 from fastclip.ops import dispatch
 
-from ._build import ODD_MODES, bad_set, dali_available, good_sample, odd_mode_images, write_good_shards, write_tar
+from ._build import (
+    ODD_MODES,
+    bad_set,
+    dali_available,
+    good_sample,
+    odd_mode_images,
+    write_good_shards,
+    write_tar,
+)
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not importable (pip install "
                                                             "nvidia-dali-cuda130, the `dali` extra)")
@@ -338,7 +346,8 @@ from tests.data._build import fake_tokenizer
 loader = ClipLoader({paths!r}, 4, image_size=16, backend={backend!r}, tokenizer=fake_tokenizer)
 assert sum(len(b[0]) for b in loader) == 6
 try:
-    mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Get_Max_Threads
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    mkl = ctypes.CDLL(lib).MKL_Get_Max_Threads
 except (OSError, AttributeError):
     mkl = lambda: 1
 later = []
@@ -385,7 +394,8 @@ def test_dali_all_operator_pipeline_on_cpu(tmp_path, preset):
         unit = _unnormalise(x)
         assert unit.min() > -0.02 and unit.max() < 1.02
     if preset == "eval":
-        loader = ClipLoader(paths, 6, image_size=16, train=False, backend="dali", tokenizer=fastclip.get_tokenizer())
+        loader = ClipLoader(paths, 6, image_size=16, train=False, backend="dali",
+                            tokenizer=fastclip.get_tokenizer())
         mine = next(iter(loader))[0]
         diff = (outs[0] - mine).abs()
         assert diff.mean() < 0.05, f"mean |all-DALI - CPU path| = {diff.mean():.4f}"

@@ -101,11 +101,13 @@ def test_wrong_mode_images_are_scored_unless_asked_to_skip(tmp_path, small_model
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     from data._build import good_sample, odd_mode_images, write_tar
     odd = odd_mode_images()
-    samples = [good_sample(i) for i in range(4)] + [
-        (name, {ext: data, "txt": name}) for name, (data, ext, _) in odd.items() if name in ("grayscale_jpeg", "cmyk_jpeg")]
+    samples = [good_sample(i) for i in range(4)] + [(name, {odd[name][1]: odd[name][0], "txt": name})
+                                                      for name in ("grayscale_jpeg", "cmyk_jpeg")]
     write_tar(tmp_path / "in.tar", samples)
     import contextlib
-    with pytest.warns(UserWarning, match=r"wrong[ _]mode") if wrong_modes == "skip" else contextlib.nullcontext():
+    skipping = wrong_modes == "skip"
+    expect = pytest.warns(UserWarning, match=r"wrong[ _]mode") if skipping else contextlib.nullcontext()
+    with expect:
         report = filter_shards(str(tmp_path / "in.tar"), str(tmp_path / "out"), keep=1.0, model=small_model,
                                image_size=32, histogram=False, wrong_modes=wrong_modes)
     kept = {s.key for s in _read(report["shards"])}
