@@ -224,6 +224,20 @@ class ClipLoader(torch.utils.data.IterableDataset):
     def backend_name(self) -> str:
         return self.backend.name
 
+    def __getstate__(self) -> dict:
+        # Pickled for spawn/forkserver DataLoader workers: the backend goes by name, the counters
+        # and the batch memory start afresh in the worker.
+        state = dict(self.__dict__)
+        state["backend"] = self.backend.name
+        state["stats"] = state["epoch_stats"] = state["_buffers"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.backend = select_backend(state["backend"], self.device, self.dtype)
+        self.stats = DataStats(warn=False)
+        self._buffers = BufferPool()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

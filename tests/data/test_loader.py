@@ -401,3 +401,17 @@ def test_dali_all_operator_pipeline_on_cpu(tmp_path, preset):
         assert diff.mean() < 0.05, f"mean |all-DALI - CPU path| = {diff.mean():.4f}"
     with pytest.raises(ValueError, match="ops must be"):
         _dali.build_pipeline(cfg, lambda: None, 6, 1, seed=0, ops="some")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spawned_dataloader_workers(tmp_path, backend):
+    """The loader pickles (spawn/forkserver worker processes, macOS's default) and each worker
+    delivers its slot: together every sample once."""
+    paths = write_good_shards(tmp_path, 2, 5)
+    from ._build import fake_tokenizer
+    loader = ClipLoader(paths, 3, image_size=8, backend=backend, tokenizer=fake_tokenizer, return_meta=True)
+    dl = torch.utils.data.DataLoader(loader, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    keys = _keys(list(dl))
+    assert sorted(keys) == [f"{i:06d}" for i in range(10)]
+    clone = __import__("pickle").loads(__import__("pickle").dumps(loader))
+    assert clone.backend_name == backend and sorted(_keys(list(clone))) == sorted(keys)
