@@ -22,7 +22,8 @@ Torch runs single-threaded in those Python threads (see ``_single_threaded_torch
 in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the training
 step.  Tokenisation is one batched call per batch.  On CPU, batch memory is recycled once the
 caller no longer holds any tensor, view or array of a batch (``_recycle.py``), which saves the
-kernel's page-fault work on every new batch; batches the caller keeps are never reused.
+kernel's page-fault work on every new batch; batches the caller keeps are never reused.  The
+loader keeps a few idle batches' memory between epochs (``release_memory()`` gives it back).
 """
 from __future__ import annotations
 
@@ -241,6 +242,12 @@ class ClipLoader(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def release_memory(self) -> None:
+        """Give back the batch memory kept for reuse (CPU; about ``prefetch`` + 2 batches' worth
+        stays with the loader between epochs, which spares the next epoch the page faults of
+        fresh memory).  Batches the caller still holds are not affected."""
+        self._buffers.release()
+
     def __iter__(self) -> Iterator[tuple]:
         epoch = self.epoch
         self.epoch += 1
@@ -288,7 +295,6 @@ class ClipLoader(torch.utils.data.IterableDataset):
                 except queue.Empty:
                     pass
             thread.join()
-            self._buffers.release()
             self.epoch_stats = stats
             self.stats.merge(stats)
             if finished and stats.skipped and self.warn:

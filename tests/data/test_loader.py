@@ -322,13 +322,17 @@ def test_kept_batches_are_never_overwritten(tmp_path, backend, tokenizer):
             ptrs.add(images.data_ptr())
             out.append(images if keep else images.clone())
             del images
-        return out, ptrs
-    (kept, _), (copied, ptrs) = run(True), run(False)
+        return out, ptrs, loader
+    (kept, _, _), (copied, ptrs, loader) = run(True), run(False)
     assert len(kept) == len(copied) == 5
-    assert len(ptrs) < 5  # the second run did reuse memory
     assert len({b.data_ptr() for b in kept}) == 5
+    assert len(ptrs) < 5  # the second run did reuse memory
     for a, b in zip(kept, copied):
         assert torch.equal(a, b)
+    pool = loader._buffers
+    assert sum(map(len, pool._free.values())) + len(pool._lent) >= 2  # memory kept after the epoch...
+    loader.release_memory()  # ...until given back: only what the caller still holds stays tracked
+    assert not any(pool._free.values()) and all(ref() is not None for ref, _, _ in pool._lent)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
