@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -155,7 +156,7 @@ def filter_shards(shards, out_dir: str, *, keep: float = 0.4,
     if not histogram or hist_error or not n:
         hist_path = None
     if hist_error:
-        print(f"fastclip filter: no histogram: {hist_error}")
+        warnings.warn(f"fastclip filter: no histogram: {hist_error}", UserWarning, stacklevel=2)
     braces = f"{{{0:0{width}d}..{n_out - 1:0{width}d}}}"
     out_pattern = os.path.join(os.path.abspath(out_dir), f"{prefix}-{braces}.tar")
     report = {
