@@ -359,8 +359,8 @@ class ClipLoader(torch.utils.data.IterableDataset):
     def _resized_views(self, images: list, rng_seed: str, generator: torch.Generator,
                        pool: ThreadPoolExecutor) -> list:
         """DALI CPU path: uint8 HWC ``images`` (a fused random crop already applied by the decoder
-        unless there are extra views) -> cropped, resized and augmented views, each thread of
-        ``pool`` doing both for its part of the batch (torch single-threaded there)."""
+        unless there are extra views) -> cropped and resized by the threads of ``pool``, each on
+        its part of the batch, then augmented the same way (:meth:`_augment_views`)."""
         cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
         size, n = self.cfg.image_size, len(images)
         rng = random.Random(rng_seed)
