@@ -215,6 +215,35 @@ def _target_terms(a, b, eps, acc, chunk):
     return diag, sa, sb
 
 
+def _finish_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, sb, rows=slice(None)):
+    """(grad_a, grad_b, grad_s): the last step of every CLIP backward, here and in distributed_loss.
+
+    ga = P @ b [M, D] and gb = P.T @ a [K, D] in accumulation precision, finished in place (None
+    where that input needs no gradient); ds = sum_i a_i.(P @ b)_i - lin / M, the raw dL/ds (None
+    where logit_scale needs none).  Row i of a is paired with row ``rows``[i] of b.  Subtracts the
+    target terms, w * b[rows] from ga and w * a from gb[rows] (w = (1 - eps) / M), and with label
+    smoothing (sa, sb given) smooth * sum b and smooth * sum a from every row; multiplies the
+    feature gradients by ``coef`` (the incoming gradient times s) and ds by ``g`` (the incoming
+    gradient), and casts each to its input's dtype.  w, smooth, coef and ds come from the callers,
+    which compute them in different precisions (the distributed losses hold fp64 statistics).
+    """
+    acc = _acc_dtype(a)
+    grad_a = grad_b = grad_s = None
+    if ds is not None:
+        grad_s = (g * ds).to(scale_dtype)
+    if ga is not None:
+        ga.sub_(b[rows].to(acc), alpha=w)
+        if sb is not None:
+            ga.sub_((sb * smooth).to(acc))
+        grad_a = ga.mul_(coef).to(a.dtype)
+    if gb is not None:
+        gb[rows].sub_(a.to(acc), alpha=w)
+        if sa is not None:
+            gb.sub_((sa * smooth).to(acc))
+        grad_b = gb.mul_(coef).to(b.dtype)
+    return grad_a, grad_b, grad_s
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd Function (shared by the chunked and triton engines)
 # ----------------------------------------------------------------------------------------------
@@ -251,21 +280,10 @@ class ClipLossFunction(torch.autograd.Function):
         shift = math.log(2 * n)  # folds the 1/(2N) of the two means into the exponent
         ga, gb = engine.softmax_grads(a, b, s, row_lse + shift, col_lse + shift, chunk,
                                       need_a or need_s, need_b)
-        grad_a = grad_b = grad_s = None
-        w = (1.0 - eps) / n
-        if need_s:
-            grad_s = (g * (_rowdot_sum(a, ga, acc, chunk) - lin_raw / n)).to(scale_t.dtype)
-        if need_a:
-            ga.sub_(b.to(acc), alpha=w)
-            if eps:
-                ga.sub_(sb * (eps / n / n))
-            grad_a = ga.mul_(g * s).to(a.dtype)
-        if need_b:
-            gb.sub_(a.to(acc), alpha=w)
-            if eps:
-                gb.sub_(sa * (eps / n / n))
-            grad_b = gb.mul_(g * s).to(b.dtype)
-        return grad_a, grad_b, grad_s, None, None, None
+        ds = _rowdot_sum(a, ga, acc, chunk) - lin_raw / n if need_s else None
+        grads = _finish_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=g * s,
+                              w=(1.0 - eps) / n, smooth=eps / n / n, sa=sa, sb=sb)
+        return (*grads, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------

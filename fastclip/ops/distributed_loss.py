@@ -102,6 +102,7 @@ from .clip_loss import (
     _acc_dtype,
     _auto_skip,
     _ChunkedEngine,
+    _finish_grads,
     _rowdot_sum,
     _run_engine,
     _run_reference,
@@ -455,24 +456,13 @@ class DistributedClipLossFunction(torch.autograd.Function):
                 red.add(q, gb_q)
         gb = red.finish() if need_b else None
         ds_local = _rowdot_sum(a, ga, acc, chunk) if need_s else 0.0
-        g_sum, ds = _scalar_allreduce([grad_out, ds_local], group, a.device)
+        g_sum, dot_sum = _scalar_allreduce([grad_out, ds_local], group, a.device)
         g = grad_out.to(acc)
         coef = (g_sum * s).to(acc)  # sum over ranks of the incoming gradients: see the contract
-        grad_a = grad_b = grad_s = None
-        w = (1.0 - eps) / N
-        if need_s:
-            grad_s = (g * (ds - lin_raw / N).to(acc)).to(scale_t.dtype)
-        if need_a:
-            ga.sub_(b.to(acc), alpha=w)
-            if eps:
-                ga.sub_((sb * (eps / N / N)).to(acc))
-            grad_a = ga.mul_(coef).to(a.dtype)
-        if need_b:
-            gb.sub_(a.to(acc), alpha=w)
-            if eps:
-                gb.sub_((sa * (eps / N / N)).to(acc))
-            grad_b = gb.mul_(coef).to(b.dtype)
-        return (grad_a, grad_b, grad_s) + none[3:]
+        ds = (dot_sum - lin_raw / N).to(acc) if need_s else None
+        grads = _finish_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=coef,
+                              w=(1.0 - eps) / N, smooth=eps / N / N, sa=sa, sb=sb)
+        return grads + none[3:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,21 +503,11 @@ class _RowCrossEntropy(torch.autograd.Function):
         g = grad_out.to(acc)
         no_col = torch.full((K,), _NO_COLUMN_TERM, dtype=row_lse.dtype, device=a.device)
         ga, gb = engine.softmax_grads(a, b, s, row_lse + math.log(M), no_col, chunk, need_a or need_s, need_b)
-        grad_a = grad_b = grad_s = None
-        w = (1.0 - eps) / M
-        if need_s:
-            grad_s = (g * (_rowdot_sum(a, ga, acc, chunk) - (lin_raw / M).to(acc))).to(scale_t.dtype)
-        if need_a:
-            ga.sub_(b[offset:offset + M].to(acc), alpha=w)
-            if eps:
-                ga.sub_((sb * (eps / (M * K))).to(acc))
-            grad_a = ga.mul_(g * s).to(a.dtype)
-        if need_b:
-            gb[offset:offset + M].sub_(a.to(acc), alpha=w)
-            if eps:
-                gb.sub_((sa * (eps / (M * K))).to(acc))
-            grad_b = gb.mul_(g * s).to(b.dtype)
-        return (grad_a, grad_b, grad_s) + none[3:]
+        ds = _rowdot_sum(a, ga, acc, chunk) - (lin_raw / M).to(acc) if need_s else None
+        grads = _finish_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=g * s,
+                              w=(1.0 - eps) / M, smooth=eps / (M * K), sa=sa, sb=sb,
+                              rows=slice(offset, offset + M))
+        return grads + none[3:]
 
 
 def _row_ce_reference(a, b, scale_t, bias_t, offset, eps):
