@@ -33,9 +33,10 @@ dtype, needs CUDA, ...), see ``fastclip.info``.
 torch.compile: the backend is chosen by :func:`choose_backend`, a memoised function of static
 properties (device type, dtype, head dims, causal, whether a mask is given, the requested name,
 ``FASTCLIP_BACKEND``/``TRITON_INTERPRET``) that Dynamo treats as a constant
-(``torch.compiler.assume_constant_result``), so the dispatch never graph-breaks.  The Triton
-launchers are registered as ``torch.library`` custom ops (``fastclip::attention_triton_fwd/bwd``),
-opaque to the compiler.  flash-attn and xformers are imported lazily, on first use or check.
+(``torch.compiler.assume_constant_result``, see ``dispatch.make_static_chooser``), so the dispatch
+never graph-breaks.  The Triton launchers are registered as ``torch.library`` custom ops
+(``fastclip::attention_triton_fwd/bwd``), opaque to the compiler.  flash-attn and xformers are
+imported lazily, on first use or check.
 
 Layers in this file: ``attention_reference`` (twin) -> backend wrappers -> ``TritonAttentionFunction``
 (autograd over the custom ops; kernels and launchers in ``_attention_triton``, imported lazily so
@@ -44,11 +45,9 @@ that importing fastclip never imports Triton) -> ``attention`` (functional API).
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import operator
-import os
 from typing import Optional
 
 import torch
@@ -265,26 +264,7 @@ def _auto_skip(device_type: str) -> tuple:
     return ("reference", "triton", "flash_attn", "xformers")
 
 
-@functools.lru_cache(maxsize=512)
-def _choose_cached(backend, device_type, device_index, dtype, head_dim, head_dim_v, causal, same_len,
-                   has_mask, env_backend, interpret) -> str:
-    # env_backend/interpret are part of the key only so that a change of environment is seen.
-    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
-    return dispatch.select(OP, backend, device=device, dtype=dtype, auto_skip=_auto_skip(device_type),
-                           head_dim=head_dim, head_dim_v=head_dim_v, causal=causal, same_len=same_len,
-                           has_mask=has_mask).name
-
-
-def _choose_traced(backend: str, device_type: str, device_index: int, dtype_name: str, head_dim: int,
-                   head_dim_v: int, causal: bool, same_len: bool, has_mask: bool) -> str:
-    return choose_backend(backend, torch.device(device_type, device_index) if device_index >= 0
-                          else torch.device(device_type), getattr(torch, dtype_name), head_dim, head_dim_v,
-                          causal, same_len, has_mask)
-
-
-# torch.compiler.assume_constant_result(fn) only sets this attribute, but calling it imports
-# torch._dynamo (and with it Triton), which importing fastclip must not do.
-_choose_traced._dynamo_marked_constant = True
+_choose = dispatch.make_static_chooser(OP, _auto_skip, maxsize=512)
 
 
 def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -292,10 +272,9 @@ def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dt
                    has_mask: bool = False) -> str:
     """Name of the backend ``attention`` runs for these static properties (raises BackendError /
     ValueError with every reason when none, or not the requested one, can run)."""
-    return _choose_cached(backend or "auto", device.type, -1 if device.index is None else device.index, dtype,
-                          int(head_dim), int(head_dim if head_dim_v is None else head_dim_v), bool(causal),
-                          bool(same_len), bool(has_mask), os.environ.get(dispatch._ENV, ""),
-                          dispatch.triton_interpreter())
+    return _choose(backend, device, dtype, head_dim=int(head_dim),
+                   head_dim_v=int(head_dim if head_dim_v is None else head_dim_v), causal=bool(causal),
+                   same_len=bool(same_len), has_mask=bool(has_mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +350,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # specialise a SymInt / SymBool with a guard (int() and bool() would stay symbolic there).
     # Head dims are static in practice; Lq == Lk only matters to flash-attn's causal alignment.
     same_len = True if q.shape[-2] == k.shape[-2] else False  # noqa: SIM210 (a branch, see above)
-    args = (backend or "auto", q.device.type, -1 if q.device.index is None else q.device.index,
-            str(q.dtype).replace("torch.", ""), operator.index(q.shape[-1]), operator.index(v.shape[-1]),
-            bool(causal), same_len, attn_mask is not None)
-    name = _choose_traced(*args) if torch.compiler.is_compiling() else choose_backend(
-        args[0], q.device, q.dtype, args[4], args[5], args[6], args[7], args[8])
+    name = choose_backend(backend, q.device, q.dtype, operator.index(q.shape[-1]), operator.index(v.shape[-1]),
+                          bool(causal), same_len, attn_mask is not None)
     return _FNS[name](q, k, v, bool(causal), scale, attn_mask)

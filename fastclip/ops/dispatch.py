@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Backend", "BackendError", "register", "backends", "select", "package_status", "all_ops"]
+__all__ = ["Backend", "BackendError", "register", "backends", "select", "make_static_chooser", "package_status",
+           "all_ops"]
 
 _ENV = "FASTCLIP_BACKEND"
 
@@ -139,3 +140,42 @@ def select(op: str, backend: Optional[str] = "auto", *, device: Optional[torch.d
             return b
         refusals.append(f"  {b.name}: " + "; ".join(why))
     raise BackendError(f"{op}: no backend can run these inputs:\n" + "\n".join(refusals))
+
+
+def make_static_chooser(op: str, auto_skip: Callable[[str], Sequence[str]], *,
+                        maxsize: int = 128) -> Callable[..., str]:
+    """A memoised, torch.compile-safe ``choose(backend, device, dtype, **inputs) -> str`` for ``op``.
+
+    ``choose`` returns the name :func:`select` picks (or raises what it raises), with
+    ``auto_skip(device.type)`` as the backends automatic selection never picks.  ``inputs`` are
+    the op's static properties (head dims, flags): hashable Python constants, passed to the
+    backends' checks by keyword.  Results are cached per (backend, device, dtype, inputs,
+    ``FASTCLIP_BACKEND``, ``TRITON_INTERPRET``), so a change of environment is seen.
+
+    Under torch.compile the selection runs once at trace time through a function Dynamo treats as
+    a constant (``torch.compiler.assume_constant_result``), so the dispatch never graph-breaks;
+    the inputs must then already be plain constants (specialise SymInts before calling).
+    """
+
+    @functools.lru_cache(maxsize=maxsize)
+    def cached(backend, device_type, device_index, dtype, env_backend, interpret, **inputs) -> str:
+        # env_backend/interpret are part of the key only so that a change of environment is seen.
+        device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
+        return select(op, backend, device=device, dtype=dtype, auto_skip=auto_skip(device_type), **inputs).name
+
+    def traced(backend: str, device_type: str, device_index: int, dtype_name: str, **inputs) -> str:
+        return cached(backend, device_type, device_index, getattr(torch, dtype_name), os.environ.get(_ENV, ""),
+                      triton_interpreter(), **inputs)
+
+    # What torch.compiler.assume_constant_result sets (calling it would import torch._dynamo and
+    # Triton at fastclip's import): Dynamo runs the function at trace time and keeps its result as
+    # a constant.  Its arguments are strings, ints and bools, which Dynamo passes as plain constants.
+    traced._dynamo_marked_constant = True
+
+    def choose(backend: Optional[str], device: torch.device, dtype: torch.dtype, **inputs) -> str:
+        key = (backend or "auto", device.type, -1 if device.index is None else device.index)
+        if torch.compiler.is_compiling():
+            return traced(*key, str(dtype).replace("torch.", ""), **inputs)
+        return cached(*key, dtype, os.environ.get(_ENV, ""), triton_interpreter(), **inputs)
+
+    return choose

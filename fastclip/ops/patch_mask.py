@@ -37,10 +37,8 @@ The module is ``fastclip.nn.patch_mask.PatchMasking``.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -271,26 +269,12 @@ def _auto_skip(device_type: str) -> tuple:
     return ("reference",) + (("triton",) if device_type != "cuda" else ())
 
 
-@functools.lru_cache(maxsize=128)
-def _choose_cached(backend, device_type, device_index, dtype, env_backend, interpret) -> str:
-    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
-    return dispatch.select(OP, backend, device=device, dtype=dtype, auto_skip=_auto_skip(device_type)).name
+_choose = dispatch.make_static_chooser(OP, _auto_skip)
 
 
 def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """Name of the gather backend for these static properties (raises with every reason)."""
-    return _choose_cached(backend or "auto", device.type, -1 if device.index is None else device.index, dtype,
-                          os.environ.get(dispatch._ENV, ""), dispatch.triton_interpreter())
-
-
-def _choose_traced(backend: str, device_type: str, device_index: int, dtype_name: str) -> str:
-    return choose_backend(backend, torch.device(device_type, device_index) if device_index >= 0
-                          else torch.device(device_type), getattr(torch, dtype_name))
-
-
-# What torch.compiler.assume_constant_result sets (calling it would import torch._dynamo and Triton
-# at fastclip's import): Dynamo runs the function at trace time and keeps its result as a constant.
-_choose_traced._dynamo_marked_constant = True
+    return _choose(backend, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,11 +306,7 @@ def patch_mask(x: torch.Tensor, mask_ratio: float, *, mode: str = "random", num_
     r, n, grid = _check_args(x, mask_ratio, mode, num_prefix_tokens, grid_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if torch.compiler.is_compiling():
-        name = _choose_traced(backend or "auto", x.device.type, -1 if x.device.index is None else x.device.index,
-                              str(x.dtype).replace("torch.", ""))
-    else:
-        name = choose_backend(backend, x.device, x.dtype)
+    name = choose_backend(backend, x.device, x.dtype)  # a constant under torch.compile
     B = x.shape[0]
     if r == 0.0:
         return x, torch.arange(n, device=x.device).expand(B, n)
