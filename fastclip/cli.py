@@ -97,26 +97,30 @@ def _add_data_commands(sub) -> None:
 def _run_data_command(args, parser) -> bool:
     """Run make-dataset / filter; False if ``args.cmd`` is not one of them."""
     import json
+    # The library checks its arguments; a bad one ends here as a usage error (exit status 2), not
+    # a traceback.  Its messages name the library's parameters (``num_samples`` for --samples).
     if args.cmd == "make-dataset":
         from .data.synthetic import make_shapes_dataset
-        if args.samples < 1 or args.image_size < 8 or args.samples_per_shard < 1:
-            parser.error("--samples and --samples-per-shard must be >= 1, --image-size >= 8")
-        if not 0 <= args.caption_noise <= 1:
-            parser.error(f"--caption-noise must be a fraction in [0, 1], got {args.caption_noise}")
-        meta = make_shapes_dataset(args.out, args.samples, args.image_size, args.seed, args.caption_noise,
-                                   args.samples_per_shard, args.max_objects)
+        try:
+            meta = make_shapes_dataset(args.out, args.samples, args.image_size, args.seed, args.caption_noise,
+                                       args.samples_per_shard, args.max_objects)
+        except ValueError as exc:
+            parser.error(str(exc))
         print(f"wrote {meta['num_samples']} samples ({meta['num_corrupted']} corrupted captions) to "
               f"{meta['shards_path']} in {meta['seconds']:.1f} s")
         return True
     if args.cmd == "filter":
         from .eval.filter import filter_shards
-        if not 0 < args.top <= 100:
+        if not 0 < args.top <= 100:  # a percentage here, a fraction (keep) in the library
             parser.error(f"--top must be a percentage in (0, 100], got {args.top}")
-        report = filter_shards(args.shards, args.out, keep=args.top / 100, model=args.model,
-                               image_size=args.image_size, checkpoint=args.checkpoint,
-                               batch_size=args.batch_size, backend=args.backend, num_threads=args.threads,
-                               device=args.device, samples_per_shard=args.samples_per_shard,
-                               histogram=not args.no_histogram, wrong_modes=args.wrong_modes)
+        try:
+            report = filter_shards(args.shards, args.out, keep=args.top / 100, model=args.model,
+                                   image_size=args.image_size, checkpoint=args.checkpoint,
+                                   batch_size=args.batch_size, backend=args.backend, num_threads=args.threads,
+                                   device=args.device, samples_per_shard=args.samples_per_shard,
+                                   histogram=not args.no_histogram, wrong_modes=args.wrong_modes)
+        except ValueError as exc:
+            parser.error(str(exc))
         print(json.dumps(report, indent=1))
         return True
     return False

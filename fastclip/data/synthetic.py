@@ -152,6 +152,8 @@ def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int 
         raise ValueError(f"caption_noise must be a fraction in [0, 1], got {caption_noise}")
     if max_objects not in (1, 2):
         raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     n_shards = (num_samples + samples_per_shard - 1) // samples_per_shard
