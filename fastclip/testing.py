@@ -6,9 +6,11 @@ import functools
 import gc
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import types
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -33,10 +35,18 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
                  what: str = "value", atol: Optional[float] = None, rtol: Optional[float] = None,
-                 scale_floor: float = 1e-30) -> None:
-    """Assert |actual - expected| <= atol * max(max|expected|, scale_floor) + rtol * |expected|.
+                 scale_floor: float = 1e-30, *, floor: float = 0.0, peers: Sequence[torch.Tensor] = ()) -> None:
+    """Assert |actual - expected| <= atol * max(max|expected|, scale_floor) + rtol * |expected| + slack,
+    elementwise, where slack = floor + 2 * max over ``peers`` of max|peer - expected|.
 
+    ``atol``/``rtol`` default to ``dtype``'s row of TOLERANCES (``actual``'s dtype if not given).
     ``scale_floor=1`` suits loss values (nats), whose exact value can be 0 (N = 1).
+    ``floor``: absolute slack, for quantities that are exactly 0 in exact arithmetic and rounding
+    noise otherwise, or for a tolerance given in absolute units (then pass ``atol=0``).
+    ``peers``: PyTorch's own results for the same inputs at the same precision.  ``actual`` may then
+    be off by up to twice their worst error (flash-attention's rule); with ``atol=c, rtol=0`` alone
+    this is "max error <= 2 x PyTorch's max error + c x max|expected|".  A non-finite peer error
+    fails: it would make the bound meaningless.
 
     The failure message says where the worst element is, both values, and by how much it is off.
     """
@@ -45,28 +55,44 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[t
                              f"expected is {expected is None and 'None' or 'set'}")
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    d_atol, d_rtol = tolerance(dtype or actual.dtype)
+    dtype = dtype or actual.dtype
+    d_atol, d_rtol = tolerance(dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
+    what = f"{what} ({str(dtype).replace('torch.', '')})"
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
     if not torch.isfinite(a).all():
-        bad = (~torch.isfinite(a)).nonzero()[0].tolist()
-        raise AssertionError(f"{what}: non-finite value {a[tuple(bad)].item()} at index {bad}")
+        bad = (~torch.isfinite(a)).nonzero()
+        first = bad[0].tolist()
+        raise AssertionError(f"{what}: {len(bad)} non-finite values, the first {a[tuple(first)].item()} at index "
+                             f"{first}; first indices {bad[:5].tolist()}")
+    peer_errs = []
+    for i, p in enumerate(peers):
+        if p.shape != expected.shape:
+            raise AssertionError(f"{what}: peer {i} has shape {tuple(p.shape)}, expected {tuple(expected.shape)}")
+        peer_errs.append((p.detach().to(torch.float64).cpu() - e).abs().max().item() if e.numel() else 0.0)
+    if not all(math.isfinite(x) for x in peer_errs):
+        raise AssertionError(f"{what}: the peers' errors {peer_errs} are not all finite: no bound to compare with")
+    peer_err = max(peer_errs, default=0.0)
+    slack = floor + 2.0 * peer_err
     scale = e.abs().max().item() if e.numel() else 0.0
     err = (a - e).abs()
-    allowed = atol * max(scale, scale_floor) + rtol * e.abs()
+    allowed = atol * max(scale, scale_floor) + rtol * e.abs() + slack
     excess = err - allowed
     if e.numel() and excess.max().item() > 0:
         idx = excess.argmax()
         where = list(torch.unravel_index(idx, e.shape)) if e.dim() else []
         where = [int(w) for w in where]
         n_bad = int((excess > 0).sum())
+        diff, exp_v = err.reshape(-1)[idx].item(), e.reshape(-1)[idx].item()
+        raised = f" raised to scale_floor {scale_floor:.3g}" if scale_floor > scale else ""
+        extra = (f", floor={floor:.3g}" if floor else "") + (f", 2 x peers' max error {peer_err:.3g}" if peers else "")
         raise AssertionError(
-            f"{what}: {n_bad}/{e.numel()} elements out of tolerance (atol={atol:g} x max|expected|={scale:.3g}, "
-            f"rtol={rtol:g}); worst at index {where}: actual {a.reshape(-1)[idx].item():.8g}, expected "
-            f"{e.reshape(-1)[idx].item():.8g}, |diff| {err.reshape(-1)[idx].item():.3g} "
-            f"(allowed {allowed.reshape(-1)[idx].item():.3g}); max |diff| overall {err.max().item():.3g}")
+            f"{what}: {n_bad}/{e.numel()} elements out of tolerance (atol={atol:g} x max|expected|={scale:.3g}{raised}, "
+            f"rtol={rtol:g}{extra}); worst at index {where}: actual {a.reshape(-1)[idx].item():.8g}, expected "
+            f"{exp_v:.8g}, |diff| {diff:.3g} (relative {diff / max(abs(exp_v), 1e-30):.3g}, "
+            f"allowed {allowed.reshape(-1)[idx].item():.3g}); max |diff| overall {err.max().item():.3g}")
 
 
 def open_clip_dir():

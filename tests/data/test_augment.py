@@ -16,6 +16,7 @@ from fastclip.data.augment import (
     gaussian_blur,
     gaussian_blur_reference,
 )
+from fastclip.testing import assert_close
 
 # (dtype, atol, rtol) of the fused path against the float64 reference, in normalised units (~[-2, 2]).
 TOLERANCES = [(torch.float32, 2e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2), (torch.float16, 4e-3, 2e-3)]
@@ -25,17 +26,6 @@ SHAPES = [(1, 8, 8), (5, 17, 23), (9, 64, 64), (3, 224, 224)]  # (B, H, W): odd 
 def _images(b, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=g)
-
-
-def _close(got, want, atol, rtol, what):
-    err = (got.double() - want).abs()
-    bound = atol + rtol * want.abs()
-    bad = err > bound
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst "
-                             f"{err.max().item():.3g} (first at {idx}: got {got[idx].item():.6f}, "
-                             f"want {want[idx].item():.6f})")
 
 
 # Every small shape in every dtype; the large shape once per preset (float32) is enough.
@@ -57,7 +47,8 @@ def test_fused_matches_reference(preset, shape, dtype, atol, rtol):
     got = augment_batch(x, cfg, dtype=dtype, params=params)
     want = augment_batch_reference(x, cfg, params, dtype=torch.float64)
     assert got.shape == (b, 3, h, w) and got.dtype == dtype and got.is_contiguous()
-    _close(got, want, atol, rtol, f"{preset} {shape} {dtype}")
+    # this table's atol is absolute (normalised units), not relative to max|want|: pass it as floor
+    assert_close(got, want, what=f"{preset} {shape}", atol=0.0, rtol=rtol, floor=atol)
 
 
 @pytest.mark.parametrize("hw", [(31, 40), (97, 100)])  # the batched and the per-image paths
@@ -65,7 +56,7 @@ def test_blur_matches_grouped_convolution(hw):
     x = torch.rand(6, 3, *hw, dtype=torch.float64) * 255
     sigma = torch.tensor([0.0, 0.1, 0.7, 1.5, 2.0, 0.0], dtype=torch.float64)
     got, want = gaussian_blur(x, sigma), gaussian_blur_reference(x, sigma)
-    _close(got, want, 1e-9, 1e-12, "blur")
+    assert_close(got, want, what="blur", atol=0.0, rtol=1e-12, floor=1e-9)
     assert torch.equal(got[0], x[0]) and torch.equal(got[5], x[5])  # sigma 0: untouched
     assert got[4].std() < x[4].std()
     y = x.clone()

@@ -46,18 +46,14 @@ def fwd_bwd(fn, q, k, v, do):
 
 
 def check_rule(results, oracle, pytorch, what):
-    """results/oracle/pytorch: (out, dq, dk, dv).  err(results) <= 2 err(pytorch) + floor, per tensor."""
+    """results/oracle/pytorch: (out, dq, dk, dv).  err(results) <= 2 err(pytorch) + floor, per tensor
+    (assert_close with atol=FLOOR, rtol=0 and PyTorch's result as the peer); reports every failing tensor."""
     msgs = []
     for name, r, o, p in zip(("out", "dq", "dk", "dv"), results, oracle, pytorch):
-        o = o.double()
-        err = (r.double() - o).abs().max().item()
-        err_pt = (p.double() - o).abs().max().item()
-        bound = 2 * err_pt + FLOOR * o.abs().max().item()
-        if not err <= bound:
-            idx = (r.double() - o).abs().argmax()
-            where = [int(i) for i in torch.unravel_index(idx, o.shape)]
-            msgs.append(f"{name}: max error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + floor (bound {bound:.3g}); "
-                        f"worst at {where}: {r.reshape(-1)[idx].item():.6g} vs {o.reshape(-1)[idx].item():.6g}")
+        try:
+            assert_close(r, o, what=name, atol=FLOOR, rtol=0.0, peers=[p])
+        except AssertionError as exc:
+            msgs.append(str(exc))
     assert not msgs, f"{what}:\n" + "\n".join(msgs)
 
 

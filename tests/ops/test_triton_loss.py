@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from fastclip.ops import _siglip_loss_triton as ksig
 from fastclip.ops import clip_loss, siglip_loss
 from fastclip.ops.clip_loss import chunked_lse, chunked_softmax_grads
 from fastclip.ops.siglip_loss import chunked_siglip_sweep
+from fastclip.testing import TOLERANCES, assert_close
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -32,55 +32,16 @@ if DEVICE.type == "cpu" and not kclip.INTERPRET:
     pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
                 "run this file in its own process (or export TRITON_INTERPRET=1)", allow_module_level=True)
 
-# (dtype, atol, rtol) for results from inputs of `dtype` against an fp64 oracle that sees the same
-# (rounded) input values.  atol is relative to the largest |expected| of the compared tensor, so
-# one row serves lse values, losses and gradients.  Low-precision rows cover the output cast and,
-# on a GPU, the fp16/bf16 tensor-core products (the same values as fastclip.testing.TOLERANCES).
-TOLERANCES = [
-    (torch.float32, 2e-5, 1e-4),
-    (torch.float16, 2e-3, 5e-3),
-    (torch.bfloat16, 1e-2, 2e-2),
-]
-TOL = {dt: (atol, rtol) for dt, atol, rtol in TOLERANCES}
-DTYPES = [dt for dt, _, _ in TOLERANCES]
+# Tolerances: fastclip.testing.TOLERANCES, (dtype, atol, rtol) for results from inputs of `dtype`
+# against an fp64 oracle that sees the same (rounded) input values.  atol is relative to the largest
+# |expected| of the compared tensor, so one row serves lse values, losses and gradients.
+# Low-precision rows cover the output cast and, on a GPU, the fp16/bf16 tensor-core products.
+DTYPES = [dt for dt, _, _ in TOLERANCES if dt != torch.float64]
 DT_IDS = [str(dt).replace("torch.", "") for dt in DTYPES]
 
 # Small tiles: several row, column and D blocks even at N <= 64, two persistent programs in K1
 # (so partial rows are merged), and D > BLOCK_DO (gradient accumulated in global memory).
 SMALL = kclip.LaunchConfig(block_m=16, block_n=32, block_d=64, block_do=64, max_programs=2)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, *,
-                 floor: float = 0.0, peers: Sequence[torch.Tensor] = ()) -> None:
-    """|actual - expected| <= atol * max|expected| + rtol * |expected| + floor + 2 x max peer error.
-
-    ``floor``: absolute slack for quantities that are exactly zero in exact arithmetic (N = 1) and
-    only rounding noise otherwise.  ``peers``: PyTorch's own results at the same precision (the
-    fp32 reference; on a GPU also the chunked backend in fp16/bf16): the kernels may be off by up
-    to twice their error (flash-attention's rule), which covers ill-conditioned cases such as
-    logits of several hundred.  Reports the worst element: index, values, absolute and relative error.
-    """
-    atol, rtol = TOL[dtype]
-    act, exp = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert act.shape == exp.shape, f"{what}: shape {tuple(act.shape)} != expected {tuple(exp.shape)}"
-    bad = torch.nonzero(~torch.isfinite(act))
-    assert not bad.numel(), f"{what}: non-finite values at {bad[:5].tolist()}"
-    scale = exp.abs().max().item() if exp.numel() else 0.0
-    peer_err = max(((p.detach().double().cpu() - exp).abs().max().item() for p in peers), default=0.0)
-    slack = floor + 2.0 * peer_err
-    err = (act - exp).abs()
-    excess = err - (atol * scale + rtol * exp.abs() + slack)
-    if excess.numel() and excess.max().item() > 0:
-        flat = int(excess.argmax())
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), exp.shape)) if exp.dim() else ()
-        n_bad = int((excess > 0).sum())
-        raise AssertionError(
-            f"{what} ({str(dtype).replace('torch.', '')}): {n_bad}/{exp.numel()} elements out of tolerance; "
-            f"worst at index {idx}: got {act[idx].item():.7g}, expected {exp[idx].item():.7g}, "
-            f"abs err {err[idx].item():.3g}, "
-            f"rel err {err[idx].item() / max(abs(exp[idx].item()), 1e-30):.3g} "
-            f"(atol {atol:g} x max|expected| {scale:.3g} + rtol {rtol:g} + slack {slack:.3g}); "
-            f"max abs err {err.max().item():.3g}")
 
 
 def _features(n: int, d: int, dtype: torch.dtype, *, seed: int, normalize: bool = True,
@@ -253,6 +214,9 @@ def _api_inputs(n, d, dtype, normalize, layouts, seed):
 
 # All statistics are fp32 whatever the input dtype, so quantities that vanish in exact arithmetic
 # carry fp32 rounding noise relative to the size of the logits: this is the floor of their slack.
+# On top of it the kernels may be off by twice PyTorch's own error at working precision (the
+# ``peers``: the fp32 reference; on a GPU also the chunked backend in fp16/bf16), flash-attention's
+# rule, which covers ill-conditioned cases such as logits of several hundred.
 FLOOR = 1e-5
 
 
