@@ -116,3 +116,19 @@ def test_wrong_mode_images_are_scored_unless_asked_to_skip(tmp_path, small_model
     else:
         assert report["scored"] == 4 and not kept & {"grayscale_jpeg", "cmyk_jpeg"}
         assert report["skipped"] == {"wrong_mode:L": 1, "wrong_mode:CMYK": 1}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["make-dataset", "OUT", "--samples", "0"], "num_samples must be >= 1"),
+    (["make-dataset", "OUT", "--samples", "4", "--samples-per-shard", "0"], "samples_per_shard must be >= 1"),
+    (["make-dataset", "OUT", "--samples", "4", "--caption-noise", "1.5"], "caption_noise must be a fraction"),
+    (["filter", "IN", "--out", "OUT", "--top", "0"], "--top must be a percentage"),
+    (["filter", "IN", "--out", "OUT", "--threads", "0"], "num_threads must be >= 1"),
+])
+def test_cli_bad_arguments_are_usage_errors(tmp_path, capsys, argv, message):
+    src = make_shapes_dataset(str(tmp_path / "src"), 4, 16, seed=0)
+    argv = [str(tmp_path / "out") if a == "OUT" else str(tmp_path / "src" / src["shards"]) if a == "IN" else a
+            for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
