@@ -35,25 +35,25 @@ def _resample(name: str):
 
 
 def _to_rgb(img):
-    """(RGB image, original mode if converted else None)."""
+    """``img`` as RGB (the conversions of the module docstring)."""
     from PIL import Image
     mode = img.mode
     if mode == "RGB":
-        return img, None
+        return img
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(img)
         if mode == "F":
             arr8 = np.clip(arr, 0, 255).astype(np.uint8)
         else:  # 16-bit samples (PNG stores them as I;16 or I): keep the high byte, as DALI does
             arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(np.repeat(arr8[..., None], 3, axis=2), "RGB"), mode
-    return img.convert("RGB"), mode
+        return Image.fromarray(np.repeat(arr8[..., None], 3, axis=2), "RGB")
+    return img.convert("RGB")
 
 
 def open_rgb(data: bytes, target: Optional[int] = None, box_fn=None):
     """Open ``data``; with ``target``/``box_fn`` let a JPEG decode at reduced scale (``draft``) when
-    the crop box is at least twice the target size.  Returns (PIL image, box in its pixels, mode
-    converted from or None).  Raises :class:`DecodeError`.
+    the crop box is at least twice the target size.  Returns (RGB PIL image, box in its pixels).
+    Raises :class:`DecodeError`.
     """
     from PIL import Image, UnidentifiedImageError
     try:
@@ -67,26 +67,27 @@ def open_rgb(data: bytes, target: Optional[int] = None, box_fn=None):
                 sx, sy = img.size[0] / w, img.size[1] / h
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         img.load()
-        img, converted = _to_rgb(img)
+        img = _to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             EOFError, IndexError) as exc:
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
-    return img, box, converted
+    return img, box
 
 
-def decode_views(data: bytes, cfg: AugmentConfig, rng: Optional[random.Random]) -> tuple[list, Optional[str]]:
+def decode_views(data: bytes, cfg: AugmentConfig, rng: Optional[random.Random]) -> list:
     """uint8 ``[S, S, 3]`` arrays: the main view of ``cfg`` and its ``extra_views``, from one decode.
 
-    Returns (arrays, mode converted from or None).  Raises :class:`DecodeError`.
+    Raises :class:`DecodeError`.  (Conversions are counted by the loader, from the mode the
+    reader read in the header.)
     """
     size = cfg.image_size
     if cfg.extra_views:
-        img, _, converted = open_rgb(data)
+        img, _ = open_rgb(data)
         w, h = img.size
         cfgs = [cfg] + [cfg.view] * cfg.extra_views
         boxes = [crop_box(w, h, c, rng) for c in cfgs]
     else:
-        img, box, converted = open_rgb(data, size, lambda w, h: crop_box(w, h, cfg, rng))
+        img, box = open_rgb(data, size, lambda w, h: crop_box(w, h, cfg, rng))
         cfgs, boxes = [cfg], [box]
     out = []
     for c, box in zip(cfgs, boxes):
@@ -95,4 +96,4 @@ def decode_views(data: bytes, cfg: AugmentConfig, rng: Optional[random.Random]) 
         except (OSError, ValueError) as exc:
             raise DecodeError(f"{type(exc).__name__}: {exc}") from None
         out.append(np.asarray(view, dtype=np.uint8))
-    return out, converted
+    return out

@@ -339,7 +339,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         out = []
         for s in chunk:
             try:
-                views, _ = decode_views(s.image, self.cfg, rng)
+                views = decode_views(s.image, self.cfg, rng)
             except DecodeError as exc:
                 stats.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
                 continue
