@@ -45,17 +45,14 @@ def _geometry(fn, types, encoded, decoded, cfg: AugmentConfig, decoder: str):
     normalise step, which crops for free).  Returns (images, crop or None)."""
     s = cfg.image_size
     interp = _interp(types, cfg.interpolation)
-    if cfg.random_crop:
-        if decoded is None:  # fused: a JPEG is decoded only inside the crop window
-            images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                   random_area=list(cfg.scale),
-                                                   random_aspect_ratio=list(cfg.ratio), num_attempts=10)
-            return fn.resize(images, resize_x=s, resize_y=s, interp_type=interp, antialias=True), None
+    if decoded is None:  # one view: a random crop is fused into the decoder (see _decode_only)
+        decoded = _decode_only(fn, types, encoded, cfg, decoder)
+        if cfg.random_crop:
+            return fn.resize(decoded, resize_x=s, resize_y=s, interp_type=interp, antialias=True), None
+    elif cfg.random_crop:
         return fn.random_resized_crop(decoded, size=[s, s], random_area=list(cfg.scale),
                                       random_aspect_ratio=list(cfg.ratio), num_attempts=10,
                                       interp_type=interp, antialias=True), None
-    if decoded is None:
-        decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     return fn.resize(decoded, resize_shorter=s, interp_type=interp, antialias=True), (s, s)
 
 
@@ -100,7 +97,8 @@ def _colour_and_normalise(fn, types, images, crop, cfg: AugmentConfig):
 
 def _decode_only(fn, types, encoded, cfg: AugmentConfig, decoder: str):
     """uint8 HWC images of any size: the random-resized crop window when ``cfg`` has one and no
-    extra views (fused into the decoder), else the whole image (the caller crops)."""
+    extra views (fused into the decoder: a JPEG is decoded only inside the window), else the
+    whole image (the caller crops)."""
     if cfg.random_crop and not cfg.extra_views:
         return fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                              random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
