@@ -14,7 +14,9 @@ Two forms, chosen by the loader:
                   resizing and the colour operations run as fastclip's torch operations
                   (``augment.resize_crop``, ``augment.augment_batch``).  Used on CPU: measured on
                   this project's 2-core machine (256 px JPEGs -> 224 px, 2 threads), DALI's CPU
-                  decoder runs ~7400 images/s, about 4x Pillow's, but its CPU bicubic resize,
+                  decoder runs ~7400 images/s, as fast as Pillow's decoding in 2 threads (both
+                  are libjpeg-turbo; DALI's edge is the crop fused into the decoder and no
+                  per-image Python or GIL), but its CPU bicubic resize,
                   ``color_twist`` and ``gaussian_blur`` are each slower than the decoder by 4x or
                   more (~1800 images/s for decode + resize), and torch's uint8 antialiased resize
                   is ~6x faster than DALI's.

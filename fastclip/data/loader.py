@@ -14,7 +14,8 @@ every backend's reason when none can run.
           of the batch; DALI's own CPU resize and colour operators are several times slower
           than these (figures in ``_dali.py``).
 ``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
-          resizing; JPEGs decode at reduced scale when the crop allows), then the colour knobs run
+          resizing; JPEGs decode at reduced scale when the crop allows) and resize (torch's uint8
+          kernels from 96 px, Pillow's below: ``decode.py``), then the colour knobs run
           as batched tensor operations (``fastclip.data.augment``): on CPU in the same threads,
           each on its part of the batch; on a GPU ``device`` there.
 
@@ -347,13 +348,14 @@ class ClipLoader(torch.utils.data.IterableDataset):
         return out
 
     def _stacked_views(self, decoded: list) -> list:
-        """PIL: the decoded views stacked into uint8 ``[B, H, W, 3]`` batches, one per view."""
+        """PIL: the decoded ``[3, S, S]`` views stacked into uint8 batches, one per view, seen as
+        ``[B, S, S, 3]`` (channels-first memory, what :func:`augment_batch` converts fastest)."""
         out = []
         for v in range(1 + self.cfg.extra_views):
             first = decoded[0][1][v]
             batch = self._buffers.empty((len(decoded), *first.shape), torch.uint8)
-            np.stack([views[v] for _, views in decoded], out=batch.numpy())
-            out.append(batch)
+            torch.stack([views[v] for _, views in decoded], out=batch)
+            out.append(batch.permute(0, 2, 3, 1))
         return out
 
     def _resized_views(self, images: list, rng_seed: str, generator: torch.Generator,

@@ -210,3 +210,34 @@ def test_augment_out_is_checked():
                 torch.empty(2, 8, 8, 3).permute(0, 3, 1, 2)):
         with pytest.raises(ValueError, match="out must be a contiguous"):
             augment_batch(x, cfg, out=bad)
+
+
+@pytest.mark.parametrize("size", [48, 112])  # Pillow's resize below 96 px, torch's from 96 px
+@pytest.mark.parametrize("preset", ["clip", "clip_aug", "simclr"])
+def test_pil_decoder_views_match_pillow(size, preset):
+    """The fallback decoder: each view is the crop box of its seeded draw resized as Pillow does it
+    (a crop rounded to whole pixels, then the resize, from 96 px on), within rounding."""
+    import io
+
+    from PIL import Image
+
+    from fastclip.data.augment import int_box
+    from fastclip.data.decode import decode_views
+    g = torch.Generator().manual_seed(5)
+    pixels = (torch.rand(150, 200, 3, generator=g) * 60 + torch.linspace(0, 190, 200).view(1, 200, 1))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(buf, "PNG")  # lossless: no decoder differences
+    cfg = AugmentConfig.from_name(preset, image_size=size)
+    got = decode_views(buf.getvalue(), cfg, random.Random(9))
+    cfgs = [cfg] + [cfg.view] * cfg.extra_views
+    rng = random.Random(9)
+    img = Image.open(buf)
+    assert len(got) == len(cfgs)
+    for view, c in zip(got, cfgs):
+        box = crop_box(200, 150, c, rng)
+        want = (img.crop(int_box(box, 200, 150)).resize((size, size), Image.Resampling.BICUBIC) if size >= 96
+                else img.resize((size, size), Image.Resampling.BICUBIC, box=box))
+        want = torch.from_numpy(np.array(want)).permute(2, 0, 1)
+        assert view.shape == (3, size, size) and view.dtype == torch.uint8
+        diff = (view.int() - want.int()).abs()
+        assert diff.max() <= 2, f"{preset} {size}: max |diff| {diff.max()}"
