@@ -11,8 +11,9 @@ Two forms, chosen by the loader:
                   only inside its window), resize, colour twist, blur, flip and normalisation.
                   Used with ``device="mixed"`` (GPU), where those operators are fast kernels.
 ``ops="decode"``  DALI decodes (with the same fused random crop) and hands over uint8 HWC crops;
-                  resizing and the colour operations run as fastclip's torch operations
-                  (``augment.resize_crop``, ``augment.augment_batch``).  Used on CPU: measured on
+                  resizing runs on torch's uint8 kernels (``augment.resize_crop``) and the colour
+                  operations in fastclip's ``augment.augment_batch`` (its C kernel where a C
+                  compiler is found, else torch operations).  Used on CPU: measured on
                   this project's 2-core machine (256 px JPEGs -> 224 px, 2 threads), DALI's CPU
                   decoder runs ~7400 images/s, as fast as Pillow's decoding in 2 threads (both
                   are libjpeg-turbo; DALI's edge is the crop fused into the decoder and no

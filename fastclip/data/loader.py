@@ -10,14 +10,15 @@ every backend's reason when none can run.
           crops, resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.
           On CPU, DALI decodes (a random-resized crop fused into the decoder) in ``num_threads``
           C++ threads, and ``num_threads`` Python threads resize with torch's uint8 kernels, then
-          run the colour knobs as the batched tensor operations below, each thread on its part
-          of the batch; DALI's own CPU resize and colour operators are several times slower
-          than these (figures in ``_dali.py``).
+          run the flip, blur, colour knobs and normalisation (``augment_batch``: fastclip's C
+          kernel, or torch tensor operations without a C compiler), each thread on its part of
+          the batch; DALI's own CPU resize and colour operators are several times slower than
+          these (figures in ``_dali.py``).
 ``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
           resizing; JPEGs decode at reduced scale when the crop allows) and resize (torch's uint8
-          kernels from 96 px, Pillow's below: ``decode.py``), then the colour knobs run
-          as batched tensor operations (``fastclip.data.augment``): on CPU in the same threads,
-          each on its part of the batch; on a GPU ``device`` there.
+          kernels from 96 px, Pillow's below: ``decode.py``), then the same ``augment_batch``:
+          on CPU in the same threads, each on its part of the batch; on a GPU ``device`` there
+          (torch tensor operations).
 
 Torch runs single-threaded in those Python threads (see ``_single_threaded_torch``).  Both run
 in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the training
@@ -111,7 +112,7 @@ def _register() -> None:
         doc="NVIDIA DALI decode + augment in C++ threads (cpu; mixed GPU decode when device is CUDA)"))
     dispatch.register(_OP, dispatch.Backend(
         "pil", fn=lambda loader, *a: loader._pil_batches(*a), devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
-        packages=("PIL",), doc="PIL decode in threads + batched tensor augmentation"))
+        packages=("PIL",), doc="PIL decode in threads + the augment op"))
 
 
 _register()

@@ -35,16 +35,27 @@ FUSED_CASES = [
 ]
 
 
+def _native_or_skip(backend):
+    from fastclip import _native
+    if backend == "native" and _native.reason("augment_cpu"):
+        pytest.skip(f"native augment kernel unavailable: {_native.reason('augment_cpu')}")
+
+
 @pytest.mark.parametrize("shape,dtype,atol,rtol", FUSED_CASES)
-@pytest.mark.parametrize("preset", ["clip", "clip_aug", "jitter_only", "gray_only"])
-def test_fused_matches_reference(preset, shape, dtype, atol, rtol):
+@pytest.mark.parametrize("preset", ["clip", "clip_aug", "jitter_only", "gray_only", "blur_wide"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_fused_matches_reference(backend, preset, shape, dtype, atol, rtol):
+    _native_or_skip(backend)
     b, h, w = shape
-    overrides = {"jitter_only": dict(jitter_p=1.0), "gray_only": dict(grayscale_p=1.0)}.get(preset, {})
-    name = "clip" if preset in ("jitter_only", "gray_only") else preset
+    overrides = {"jitter_only": dict(jitter_p=1.0), "gray_only": dict(grayscale_p=1.0),
+                 "blur_wide": dict(blur_p=1.0, blur_sigma=(0.1, 12.0), flip_p=0.5)}.get(preset, {})
+    name = "clip" if preset in ("jitter_only", "gray_only", "blur_wide") else preset
     cfg = AugmentConfig.from_name(name, w, **overrides)
     x = _images(b, h, w)
+    if preset == "blur_wide":  # a strided batch (channels-first memory seen as [B, H, W, 3])
+        x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
     params = draw_params(b, cfg, torch.Generator().manual_seed(7))
-    got = augment_batch(x, cfg, dtype=dtype, params=params)
+    got = augment_batch(x, cfg, dtype=dtype, params=params, backend=backend)
     want = augment_batch_reference(x, cfg, params, dtype=torch.float64)
     assert got.shape == (b, 3, h, w) and got.dtype == dtype and got.is_contiguous()
     # this table's atol is absolute (normalised units), not relative to max|want|: pass it as floor
@@ -146,6 +157,8 @@ def test_blur_taps_are_the_gaussian():
         assert (k[i][pos.abs() > own] == 0).all() and (k[i][pos.abs() <= own] > 0).all()
     assert blur_taps(torch.zeros(2), 8, 8) == (0, None)
     assert blur_taps(torch.tensor([5.0]), 9, 9)[0] == 4  # capped below the image size
+    radius, k = blur_taps(torch.tensor([1.0]), 2, 2)  # no room for a window: the identity
+    assert radius == 0 and k.tolist() == [[1.0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,20 +200,55 @@ def test_int_box_rounds_and_stays_inside():
 
 
 @pytest.mark.parametrize("preset", ["clip", "clip_aug"])
-def test_augment_in_parts_equals_whole_batch(preset):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_augment_in_parts_equals_whole_batch(backend, preset):
     from fastclip.data.augment import slice_params
+    _native_or_skip(backend)
     cfg = AugmentConfig.from_name(preset, image_size=20)
     x = _images(11, 20, 20, seed=4)
     params = draw_params(11, cfg, torch.Generator().manual_seed(2))
-    whole = augment_batch(x, cfg, params=params)
+    whole = augment_batch(x, cfg, params=params, backend=backend)
     parts = torch.full_like(whole, float("nan"))
     for lo, hi in ((0, 4), (4, 5), (5, 11)):
-        got = augment_batch(x[lo:hi], cfg, params=slice_params(params, lo, hi), out=parts[lo:hi])
+        got = augment_batch(x[lo:hi], cfg, params=slice_params(params, lo, hi), out=parts[lo:hi],
+                            backend=backend)
         assert got.data_ptr() == parts[lo:hi].data_ptr()
     assert torch.equal(parts, whole)
     # a channels-first batch seen as [B, H, W, 3] (what the DALI CPU path hands over) is the same
     chw = x.permute(0, 3, 1, 2).contiguous()
-    assert torch.equal(augment_batch(chw.permute(0, 2, 3, 1), cfg, params=params), whole)
+    assert torch.equal(augment_batch(chw.permute(0, 2, 3, 1), cfg, params=params, backend=backend), whole)
+
+
+def test_backends_agree_and_tiny_images_are_not_blurred():
+    """native and torch give the same batch to float32 rounding; an image under 3 px has no room
+    for a blur window (reflect padding needs a neighbour on each side) and comes out unblurred."""
+    _native_or_skip("native")
+    cfg = AugmentConfig.from_name("clip_aug", 64, blur_p=1.0)
+    x = _images(12, 64, 64, seed=3)
+    params = draw_params(12, cfg, torch.Generator().manual_seed(4))
+    a = augment_batch(x, cfg, params=params, backend="native")
+    b = augment_batch(x, cfg, params=params, backend="torch")
+    assert_close(a, b, what="native vs torch", atol=0.0, rtol=1e-5, floor=1e-5)
+    for h, w in ((1, 1), (2, 2), (1, 5), (3, 2)):
+        t = _images(3, h, w)
+        p = draw_params(3, cfg, torch.Generator().manual_seed(1))
+        unblurred = augment_batch(t, cfg, params=dict(p, sigma=torch.zeros(3, dtype=torch.float64)))
+        for backend in ("native", "torch"):
+            got = augment_batch(t, cfg, params=p, backend=backend)
+            assert_close(got, unblurred, what=f"{h}x{w} {backend}", atol=0.0, rtol=1e-6, floor=1e-6)
+
+
+def test_augment_backend_choice_is_explained(monkeypatch):
+    from fastclip.ops.dispatch import BackendError
+    x = _images(2, 8, 8)
+    cfg = AugmentConfig(image_size=8)
+    with pytest.raises(ValueError, match="'cuda' is not a backend of augment"):
+        augment_batch(x, cfg, backend="cuda")
+    monkeypatch.setenv("FASTCLIP_AUGMENT_BACKEND", "torch")
+    assert torch.equal(augment_batch(x, cfg), augment_batch(x, cfg, backend="torch"))
+    if torch.cuda.is_available():
+        with pytest.raises(BackendError, match="runs on cpu"):
+            augment_batch(x.cuda(), cfg, backend="native")
 
 
 def test_augment_out_is_checked():

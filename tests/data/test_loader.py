@@ -167,6 +167,27 @@ def test_deterministic_under_a_seed(tmp_path, backend, tokenizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_augment_backends_give_the_same_batches(tmp_path, backend, tokenizer, monkeypatch):
+    """The loader's colour work through the C kernel and through torch's operations: same draws,
+    same images to float32 rounding."""
+    from fastclip import _native
+    if _native.reason("augment_cpu"):
+        pytest.skip(f"native augment kernel unavailable: {_native.reason('augment_cpu')}")
+    paths = write_good_shards(tmp_path, 2, 5)
+
+    def run(augment_backend):
+        monkeypatch.setenv("FASTCLIP_AUGMENT_BACKEND", augment_backend)
+        loader = ClipLoader(paths, 4, image_size=16, augment="clip_aug", backend=backend, tokenizer=tokenizer,
+                            shuffle=0, seed=3, blur_p=1.0)
+        return torch.cat([b[0] for b in loader])
+    with pytest.raises(ValueError, match="not a backend of augment"):  # the loader does read the choice
+        run("no-such-backend")
+    native, torch_ops = run("native"), run("torch")
+    assert native.shape == (10, 3, 16, 16)
+    assert torch.allclose(native, torch_ops, rtol=0, atol=1e-5), float((native - torch_ops).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_simclr_views(tmp_path, backend, tokenizer):
     paths = write_good_shards(tmp_path, 1, 5)
     loader = ClipLoader(paths, 5, image_size=16, augment="simclr", backend=backend, tokenizer=tokenizer)
