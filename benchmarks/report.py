@@ -9,8 +9,9 @@ The JSON is the raw record.  This script only reads it, and writes ``<stem>.md``
 ``--out-dir``) with tables for whichever record kinds it holds, each recognised by its fields:
 
 * data pipeline (``test_data_bench.py``, extra_info ``kind``, or ``samples`` and ``seconds``): a
-  loader table (images/s, ratio to the PIL fallback, time to the first batch), a tokenizer table
-  and the dataset-generation time;
+  loader table (images/s, ratio to the PIL fallback, time to the first batch), an augment-op
+  table (images/s per backend, time over the copy floor), a tokenizer table and the
+  dataset-generation time;
 * attention (``test_attention_bench.py``, extra_info ``op == "attention"``): a fwd+bwd summary
   (shape x provider), then per shape a mode x provider table of median, IQR, rounds, × floor,
   achieved FLOP/s and peak extra memory, with refused cases and their reasons; the GPU target
@@ -299,11 +300,13 @@ LOADER_ORDER = ("pil", "dali", "dali-mixed")
 def data_tables(raw: dict) -> list[str]:
     """Markdown for the loader, tokenizer and dataset-generation records of a data-bench JSON
     (empty when it has none)."""
-    loaders, tokenizers, other = {}, {}, []
+    loaders, tokenizers, augments, other = {}, {}, {}, []
     for b in raw.get("benchmarks", []):
         e = b.get("extra_info") or {}
         if e.get("kind") == "loader":
             loaders[(e["set"], e["preset"], e["provider"])] = e
+        elif e.get("kind") == "augment":
+            augments[(e["preset"], e["provider"])] = e
         elif e.get("kind") == "tokenizer":
             tokenizers[e["provider"]] = e
         elif "samples" in e and "seconds" in e:
@@ -320,6 +323,18 @@ def data_tables(raw: dict) -> list[str]:
                 kv[0][0], kv[0][1], LOADER_ORDER.index(kv[0][2]) if kv[0][2] in LOADER_ORDER else 9)):
             out.append(f"| {st} ({e.get('out_px')} px out) | {preset} | {prov} | {e['images_per_s']:.0f} | "
                        f"{_f(e.get('x_pil'), '.2f')} | {_f(e.get('first_batch_s'), '.3f')} s |")
+        out.append("")
+    if augments:
+        first = next(iter(augments.values()))
+        order = ("floor", "torch", "native")
+        out += [f"The augment op alone: {first.get('px')} px, batch {first.get('images')}, one thread "
+                f"({first.get('machine', '')})" + ("; **quick mode: the timings mean nothing**"
+                                                  if first.get("quick") else ""), "",
+                "| preset | backend | images/s | time × floor | × torch |", "|---|---|---:|---:|---:|"]
+        for (preset, prov), e in sorted(augments.items(), key=lambda kv: (
+                kv[0][0], order.index(kv[0][1]) if kv[0][1] in order else 9)):
+            out.append(f"| {preset} | {prov} | {e['images_per_s']:.0f} | {_f(e.get('x_floor'), '.2f')} | "
+                       f"{_f(e.get('x_torch'), '.2f')} |")
         out.append("")
     if tokenizers:
         out += ["| tokenizer | captions/s | × open_clip | ids identical to open_clip |",

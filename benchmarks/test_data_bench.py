@@ -23,6 +23,9 @@ What is measured
     img2dataset writes by default, out at 224 px) and ``shapes64`` (the built-in dataset, 64 px).
     ``extra_info``: ``images_per_s`` (from the median round) and, for DALI, ``x_pil``: the ratio
     to the PIL fallback on the same case in the same session (target >= 1.5).
+    augment: images/s of the op ``augment`` alone (``fastclip.data.augment.augment_batch``) on one
+    thread, 224 px, batch 64, per backend (``native`` C kernel, ``torch`` tensor operations) and
+    the ``floor`` (the uint8 -> float32 copy every backend must do); ``x_floor``, ``x_torch``.
     tokenizer: captions/s of ``fastclip.get_tokenizer`` and of open_clip's ``SimpleTokenizer``
     (its ``tokenizer.py`` loaded on its own: ``import open_clip`` needs torchvision) on M web-like
     captions (about 5% non-ASCII), both warm (one pass first, filling SimpleTokenizer's BPE cache);
@@ -52,6 +55,8 @@ N_IMAGES, QUICK_IMAGES = 4096, 96  # 16 batches an epoch: the per-epoch start-up
 N_CAPTIONS, QUICK_CAPTIONS = 8192, 512
 BATCH, QUICK_BATCH = 256, 32
 THREADS = 2
+AUGMENT_PROVIDERS = ("floor", "torch", "native")  # floor: the uint8 -> float32 copy alone
+AUGMENT_BATCH, AUGMENT_PX, QUICK_AUGMENT_PX = 64, 224, 32
 
 _RESULTS: dict = {}  # (set, preset, provider) -> images/s, for the ratios
 
@@ -91,6 +96,10 @@ def pytest_generate_tests(metafunc):
     elif name == "test_tokenizer":
         providers = [p for p in ("open_clip", "fastclip") if not wanted or p in wanted]
         metafunc.parametrize("provider", providers)
+    elif name == "test_augment":
+        cases = [pytest.param(preset, provider, id=f"{preset}-{provider}") for preset in PRESETS
+                 for provider in AUGMENT_PROVIDERS if not wanted or provider in wanted]
+        metafunc.parametrize("preset,provider", cases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +235,55 @@ def test_loader(benchmark, pytestconfig, datasets, set_name, preset, provider):
         info["x_pil"] = round(rate / base, 2)
     print(f"\n{set_name} {preset} {provider}: {rate:.0f} images/s"
           + (f" ({info['x_pil']:.2f}x pil)" if "x_pil" in info else ""))
+
+
+def test_augment(benchmark, pytestconfig, preset, provider):
+    """The augment op alone on one thread: a batch of resized uint8 images -> normalised float32,
+    with the preset's draws.  ``floor`` is the least any backend must do (read the uint8 batch,
+    write it as float32): ``x_floor`` = a backend's time over the floor's."""
+    from fastclip.data.augment import AugmentConfig, augment_batch, draw_params
+    if provider == "native":
+        from fastclip import _native
+        if _native.reason("augment_cpu"):
+            pytest.skip(f"native augment kernel unavailable: {_native.reason('augment_cpu')}")
+    px = QUICK_AUGMENT_PX if _quick(pytestconfig) else AUGMENT_PX
+    n = AUGMENT_BATCH
+    g = torch.Generator().manual_seed(0)
+    # channels-first memory seen as [B, H, W, 3]: what both loaders hand over
+    images = torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g).permute(0, 2, 3, 1)
+    cfg = AugmentConfig.from_name(preset, px)
+    params = draw_params(n, cfg, g)
+    out = torch.empty(n, 3, px, px)
+    if provider == "floor":
+        def run():
+            out.copy_(images.permute(0, 3, 1, 2))
+    else:
+        def run():
+            augment_batch(images, cfg, params=params, out=out, backend=provider)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the loader's threads
+    try:
+        run()
+        times = []
+
+        def timed():
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        benchmark.pedantic(timed, rounds=_rounds(pytestconfig) + 4, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    rate = n / statistics.median(times)
+    _RESULTS[("augment", preset, provider)] = rate
+    info = benchmark.extra_info
+    info.update(kind="augment", preset=preset, provider=provider, images=n, px=px, threads=1,
+                images_per_s=round(rate, 1), machine=_machine_line(), quick=_quick(pytestconfig))
+    floor, base = _RESULTS.get(("augment", preset, "floor")), _RESULTS.get(("augment", preset, "torch"))
+    if provider != "floor" and floor:
+        info["x_floor"] = round(floor / rate, 2)
+    if provider == "native" and base:
+        info["x_torch"] = round(rate / base, 2)
+    print(f"\naugment {preset} {provider}: {rate:.0f} images/s")
 
 
 def test_tokenizer(benchmark, pytestconfig, provider):

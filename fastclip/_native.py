@@ -10,8 +10,9 @@ backend run their torch backend, and ``python -m fastclip.info`` says why.
 the PATH) at ``-O3`` into the cache directory (``$FASTCLIP_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastclip``, else ``~/.cache/fastclip``), keyed by a hash of the source, the
 compiler and the flags, and loads it with ctypes.  Concurrent processes each compile to a temporary
-file and rename it into place, so they never see a half-written library.  ``FASTCLIP_NATIVE=0``
-turns the native kernels off.  ``reason(name)`` is None when the library loads, else why not
+file and rename it into place, so they never see a half-written library; a cached file that does
+not load is rebuilt once; a cache directory that another user could write to is refused.
+``FASTCLIP_NATIVE=0`` turns the native kernels off.  ``reason(name)`` is None when the library loads, else why not
 (compiled once per process, then remembered).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +33,7 @@ __all__ = ["library", "reason", "cache_dir", "reset"]
 
 _SRC = Path(__file__).parent / "csrc"
 _FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+_TIMEOUT_S = 60
 _LOCK = threading.Lock()
 _LOADED: dict = {}  # name -> (ctypes.CDLL or None, reason or None)
 
@@ -38,19 +41,58 @@ _LOADED: dict = {}  # name -> (ctypes.CDLL or None, reason or None)
 def cache_dir() -> Path:
     if os.environ.get("FASTCLIP_CACHE_DIR"):
         return Path(os.environ["FASTCLIP_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.path.expanduser("~")
+    if not os.environ.get("XDG_CACHE_HOME") and home == "~":  # no HOME, no passwd entry
+        return Path(tempfile.gettempdir()) / f"fastclip-{os.getuid()}"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return Path(base) / "fastclip"
 
 
-def _compiler() -> Optional[str]:
+def _compiler() -> Optional[list]:
+    """The compiler's argv (``$CC`` may carry arguments: ``ccache gcc``), or None."""
     cc = os.environ.get("CC")
     if cc:
-        return shutil.which(cc) or cc
+        argv = shlex.split(cc)
+        return [shutil.which(argv[0]) or argv[0], *argv[1:]] if argv else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
+
+
+def _unsafe(directory: Path) -> Optional[str]:
+    """Why libraries in ``directory`` must not be loaded (another user could plant one), or None."""
+    st = directory.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"the cache directory {directory} belongs to another user"
+    if st.st_mode & 0o002:
+        return f"the cache directory {directory} is writable by everyone (mode {oct(st.st_mode & 0o777)})"
+    return None
+
+
+def _compile(cc: list, flags: tuple, source: Path, target: Path) -> Optional[str]:
+    """Compile into a temporary file, then rename it to ``target``; None, or the error."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{target.stem}-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        try:
+            run = subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
+                                 errors="replace", timeout=_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            return f"{cc[0]} took over {_TIMEOUT_S} s"
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot run the C compiler {' '.join(cc)}: {exc}"
+        if run.returncode != 0:
+            return f"{' '.join(cc)} {' '.join(flags)} failed: {(run.stderr or run.stdout).strip()[-400:]}"
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would keep other users of the cache out
+        os.replace(tmp, target)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _build(name: str) -> tuple:
@@ -64,36 +106,35 @@ def _build(name: str) -> tuple:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        unsafe = _unsafe(directory)
+    except OSError as exc:
+        return None, f"cannot use the cache directory {directory}: {exc}"
+    if unsafe:
+        return None, unsafe + " (set FASTCLIP_CACHE_DIR to a private directory)"
     text = source.read_bytes()
     errors = []
     # Per-CPU vector widths first (target_clones); then the baseline, for toolchains without them.
     for extra in ((), ("-DFASTCLIP_NO_CLONES",)):
         flags = (*_FLAGS, *extra)
-        key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(flags).encode(),
+        key = hashlib.sha256(b"\0".join([text, " ".join(cc).encode(), " ".join(flags).encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"{name}-{key}.so"
-        if not target.is_file():
+        target = directory / f"{name}-{key}.so"
+        for attempt in range(2):  # a cached file that does not load (truncated, foreign) is rebuilt once
+            if not target.is_file():
+                error = _compile(cc, flags, source, target)
+                if error:
+                    errors.append(error)
+                    break
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-                os.close(fd)
+                return ctypes.CDLL(str(target)), None
             except OSError as exc:
-                return None, f"cannot write to the cache directory {target.parent}: {exc}"
-            try:
-                run = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
-                                     timeout=300)
-            except (OSError, subprocess.SubprocessError) as exc:
-                os.unlink(tmp)
-                return None, f"cannot run the C compiler {cc}: {exc}"
-            if run.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{cc} {' '.join(flags)} failed: {(run.stderr or run.stdout).strip()[-400:]}")
-                continue
-            os.replace(tmp, target)
-        try:
-            return ctypes.CDLL(str(target)), None
-        except OSError as exc:
-            errors.append(f"cannot load {target}: {exc}")
+                if attempt == 0:
+                    target.unlink(missing_ok=True)
+                    continue
+                errors.append(f"cannot load {target}: {exc}")
     return None, "; ".join(errors)
 
 
@@ -104,7 +145,11 @@ def library(name: str) -> Optional[ctypes.CDLL]:
         with _LOCK:
             got = _LOADED.get(name)
             if got is None:
-                got = _LOADED[name] = _build(name)
+                try:
+                    got = _build(name)
+                except Exception as exc:  # anything unforeseen: recorded as the reason, never raised
+                    got = (None, f"{type(exc).__name__}: {exc}")
+                _LOADED[name] = got
     return got[0]
 
 

@@ -1,8 +1,10 @@
 """fastclip._native: the C kernels compiled on first use, cached, and refused with a reason."""
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -11,7 +13,24 @@ import torch
 from fastclip import _native
 from fastclip.data.augment import AugmentConfig, augment_batch, draw_params
 
-HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang")) and sys.platform.startswith("linux")
+POSIX = sys.platform != "win32"
+
+
+@functools.lru_cache(maxsize=None)
+def _can_compile() -> bool:
+    """A C compiler that builds a shared library here (on the PATH is not enough: headers may be missing)."""
+    cc = next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None or not POSIX:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.c")
+        with open(src, "w") as f:
+            f.write("#include <stdint.h>\n#include <string.h>\nint64_t f(void) { return 1; }\n")
+        return subprocess.run([cc, "-shared", "-fPIC", src, "-o", os.path.join(d, "t.so")],
+                              capture_output=True, check=False).returncode == 0
+
+
+needs_cc = pytest.mark.skipif(not _can_compile(), reason="no working C compiler on this machine")
 
 
 @pytest.fixture
@@ -25,11 +44,14 @@ def fresh(monkeypatch, tmp_path):
     _native.reset()
 
 
-@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this Linux machine")
+@needs_cc
 def test_compiles_once_and_is_reused(fresh):
     assert _native.reason("augment_cpu") is None
     built = list(fresh.glob("augment_cpu-*.so"))
-    assert len(built) == 1 and not list(fresh.glob("tmp*"))
+    assert len(built) == 1 and not list(fresh.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert built[0].stat().st_mode & 0o777 == 0o755 & ~umask  # other users of a shared cache can load it
     stamp = built[0].stat().st_mtime_ns
     # another process finds it in the cache (no second compile)
     code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
@@ -53,17 +75,52 @@ def _refused_with(fragment: str):
     assert torch.equal(auto, augment_batch(x, cfg, params=params, backend="torch"))
 
 
+@needs_cc
+def test_a_corrupt_cached_library_is_rebuilt(fresh):
+    assert _native.reason("augment_cpu") is None
+    (built,) = fresh.glob("augment_cpu-*.so")
+    built.write_bytes(b"")  # truncated (a full disk, a killed copy)
+    # in a new process (this one has the library loaded already, and dlopen would reuse it)
+    code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, FASTCLIP_CACHE_DIR=str(fresh)))
+    assert out.stdout.strip() == "None"
+    assert built.stat().st_size > 0 and len(list(fresh.glob("augment_cpu-*.so"))) == 1
+
+
+@needs_cc
+def test_compiler_with_arguments(fresh, monkeypatch):
+    cc = next(shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c))
+    monkeypatch.setenv("CC", f"{cc} -DFASTCLIP_UNUSED=1")  # as in CC="ccache gcc"
+    assert _native.reason("augment_cpu") is None
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_unusable_or_unsafe_cache_directory_is_a_reason(fresh, monkeypatch):
+    blocker = fresh / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTCLIP_CACHE_DIR", str(blocker / "cache"))
+    _refused_with("cannot use the cache directory")
+    shared = fresh / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("FASTCLIP_CACHE_DIR", str(shared))
+    _native.reset()
+    _refused_with("is writable by everyone")
+
+
 def test_disabled_by_environment(fresh, monkeypatch):
     monkeypatch.setenv("FASTCLIP_NATIVE", "0")
     _refused_with("disabled by FASTCLIP_NATIVE=0")
 
 
+@pytest.mark.skipif(not POSIX, reason="Windows has its own refusal")
 def test_missing_compiler_is_a_reason(fresh, monkeypatch):
     monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
     _refused_with("cannot run the C compiler")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a shell script as the compiler")
+@pytest.mark.skipif(not POSIX, reason="uses a shell script as the compiler")
 def test_failing_compiler_is_a_reason(fresh, monkeypatch):
     fake = fresh / "broken-cc"
     fake.write_text(textwrap.dedent("""\
@@ -74,7 +131,7 @@ def test_failing_compiler_is_a_reason(fresh, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     _refused_with("no luck today")
-    assert not list(fresh.glob("*.so"))  # nothing half-written left behind
+    assert not list(fresh.glob("*.so")) and not list(fresh.glob("*.tmp"))  # nothing half-written left
 
 
 def test_info_lists_the_augment_backends():

@@ -282,7 +282,7 @@ def _colour_matrices(params: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _blur_radius(sigma: float, h: int, w: int) -> int:
     """ceil(3 sigma), at least 1, capped below the image size (0: an image under 3 px is not blurred)."""
-    return min(max(1, int(math.ceil(3 * sigma))), (min(h, w) - 1) // 2)
+    return max(0, min(max(1, int(math.ceil(3 * sigma))), (min(h, w) - 1) // 2))
 
 
 def _radii(sigma: torch.Tensor, h: int, w: int) -> list:
@@ -435,6 +435,8 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
     n, h, w, _ = images.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"images must be at least 1x1 pixels, got {tuple(images.shape)}")
     dev = images.device
     if out is not None and (out.shape != (n, 3, h, w) or out.dtype != dtype or out.device != dev
                             or not out.is_contiguous()):
@@ -574,7 +576,8 @@ if _OP not in dispatch.all_ops():  # not again on a reload of this module
         "native", fn=_augment_native, devices=("cpu",), check=_native_reasons,
         doc="fastclip's C kernel, one pass per image (compiled on first use)"))
     dispatch.register(_OP, dispatch.Backend(
-        "torch", fn=_augment_torch, doc="batched torch tensor operations"))
+        "torch", fn=_augment_torch, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        doc="batched torch tensor operations"))
 
 
 def augment_batch_reference(images: torch.Tensor, cfg: AugmentConfig, params: dict,

@@ -238,6 +238,48 @@ def test_backends_agree_and_tiny_images_are_not_blurred():
             assert_close(got, unblurred, what=f"{h}x{w} {backend}", atol=0.0, rtol=1e-6, floor=1e-6)
 
 
+@pytest.mark.parametrize("view", ["every_other_column", "crop", "every_other_image", "transposed"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_strided_views(backend, view):
+    """uint8 views with any strides (a W stride that is neither 1 nor 3, crop offsets, a batch
+    stride that is not the image size) read the same pixels as their contiguous copies."""
+    _native_or_skip(backend)
+    big = _images(10, 30, 44, seed=6)
+    x = {"every_other_column": big[:4, :, ::2], "crop": big[:5, 3:20, 5:30],
+         "every_other_image": big[::2], "transposed": big.transpose(1, 2)[:3]}[view]
+    cfg = AugmentConfig.from_name("clip_aug", 16, blur_p=0.7, flip_p=0.5)
+    params = draw_params(x.shape[0], cfg, torch.Generator().manual_seed(8))
+    got = augment_batch(x, cfg, params=params, backend=backend)
+    assert torch.equal(got, augment_batch(x.contiguous(), cfg, params=params, backend=backend))
+    want = augment_batch_reference(x, cfg, params, dtype=torch.float64)
+    assert_close(got, want, what=f"{view} {backend}", atol=0.0, rtol=1e-5, floor=2e-5)
+
+
+@pytest.mark.parametrize("hw", [(1, 5), (3, 2), (2, 7), (3, 3), (4, 9)])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_tiny_and_thin_images_match_reference(backend, hw):
+    _native_or_skip(backend)
+    cfg = AugmentConfig.from_name("clip_aug", 8, blur_p=1.0, blur_sigma=(1.0, 5.0))
+    x = _images(4, *hw, seed=2)
+    params = draw_params(4, cfg, torch.Generator().manual_seed(3))
+    got = augment_batch(x, cfg, params=params, backend=backend)
+    want = augment_batch_reference(x, cfg, params, dtype=torch.float64)
+    assert_close(got, want, what=f"{hw} {backend}", atol=0.0, rtol=1e-5, floor=2e-5)
+
+
+def test_empty_images_and_float64_output():
+    from fastclip.ops.dispatch import BackendError
+    cfg = AugmentConfig(image_size=8)
+    with pytest.raises(ValueError, match="at least 1x1"):
+        augment_batch(torch.zeros(2, 0, 5, 3, dtype=torch.uint8), cfg)
+    x = _images(2, 8, 8)
+    y = augment_batch(x, cfg, dtype=torch.float64)  # the torch backend takes float64 output
+    assert y.dtype == torch.float64
+    assert_close(y, augment_batch(x, cfg).double(), what="float64", atol=0.0, rtol=1e-6, floor=1e-6)
+    with pytest.raises(BackendError, match="native.*float64"):
+        augment_batch(x, cfg, dtype=torch.float64, backend="native")
+
+
 def test_augment_backend_choice_is_explained(monkeypatch):
     from fastclip.ops.dispatch import BackendError
     x = _images(2, 8, 8)
