@@ -428,9 +428,10 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
 
     ``backend`` (op ``augment``; else ``FASTCLIP_AUGMENT_BACKEND``, else automatic): ``native``,
     fastclip's C kernel (``csrc/augment_cpu.c``, CPU, compiled on first use: ``fastclip._native``),
-    one pass per image, ~2.5x the torch backend's images/s for ``clip_aug`` at 224 px; ``torch``,
-    batched tensor operations, on any device.  Both agree with :func:`augment_batch_reference`
-    to float32 rounding.
+    one pass per image, 2.1-2.5x the torch backend's images/s for ``clip_aug`` at 224 px on one
+    thread (``benchmarks/RESULTS.md``); ``torch``, batched tensor operations, on any device, and
+    the only one that writes float64.  Both agree with :func:`augment_batch_reference` to float32
+    rounding.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
