@@ -294,7 +294,7 @@ def markdown(rep, plots: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Data-pipeline records (test_data_bench.py)
 # ----------------------------------------------------------------------------------------------
-LOADER_ORDER = ("pil", "dali", "dali-mixed")
+LOADER_ORDER = ("pil", "dali", "dali-all", "dali-mixed")
 
 
 def data_tables(raw: dict) -> list[str]:

@@ -16,9 +16,11 @@ What is measured
     caller), batch 256, 2 worker threads, no shuffle; one untimed warm-up epoch, then the timed
     rounds.  ``first_batch_s``: the median time from ``iter(loader)`` to the first batch (the
     per-epoch start-up: threads, and for DALI building its pipeline), which the images/s include.
-    Providers: ``dali`` (DALI CPU pipeline, ``device_id=None``), ``pil`` (the fallback:
-    PIL decoding in 2 threads + batched tensor ops), ``dali-mixed`` (DALI with GPU decoding,
-    marked ``gpu``).  Presets ``clip`` (mild random-resized crop) and ``clip_aug`` (strong: crop,
+    Providers: ``dali`` (DALI CPU pipeline, ``device_id=None``: DALI decodes, torch resizes,
+    fastclip's ``augment`` op does the rest), ``dali-all`` (DALI's own CPU operators for
+    everything, ``dali_ops="all"``: the evidence for that split), ``pil`` (the fallback: PIL
+    decoding in 2 threads + the same resize and ``augment`` op), ``dali-mixed`` (DALI with GPU
+    decoding and operators, marked ``gpu``).  Presets ``clip`` (mild random-resized crop) and ``clip_aug`` (strong: crop,
     jitter, grayscale, blur, flip).  Sets: ``photo256`` (N 256 px JPEGs with texture, what
     img2dataset writes by default, out at 224 px) and ``shapes64`` (the built-in dataset, 64 px).
     ``extra_info``: ``images_per_s`` (from the median round) and, for DALI, ``x_pil``: the ratio
@@ -48,7 +50,7 @@ import torch
 
 from fastclip.testing import load_open_clip_file
 
-LOADER_PROVIDERS = ("pil", "dali", "dali-mixed")
+LOADER_PROVIDERS = ("pil", "dali", "dali-all", "dali-mixed")
 PRESETS = ("clip", "clip_aug")
 SETS = {"photo256": (256, 224), "shapes64": (64, 64)}  # source px, output px
 N_IMAGES, QUICK_IMAGES = 4096, 96  # 16 batches an epoch: the per-epoch start-up is reported apart
@@ -197,7 +199,7 @@ def test_loader(benchmark, pytestconfig, datasets, set_name, preset, provider):
     device = "cuda" if provider == "dali-mixed" else "cpu"
     loader = ClipLoader(pattern, batch, image_size=out_px, augment=preset, backend=provider.split("-")[0],
                         device=device, tokenizer=fastclip.get_tokenizer("ViT-B-32"), num_threads=THREADS,
-                        shuffle=0, warn=False)
+                        shuffle=0, warn=False, dali_ops="all" if provider == "dali-all" else "auto")
 
     first = []
 

@@ -177,6 +177,11 @@ class ClipLoader(torch.utils.data.IterableDataset):
             counted as ``wrong_mode:<mode>``; "convert": they are delivered as RGB (as DALI's and
             Pillow's RGB conversions make them) and counted in ``stats.notes`` as ``converted:<mode>``.
             Palette images are colour images and are delivered either way (``converted:P``).
+        dali_ops: what DALI does on the ``dali`` backend.  "auto" (default): everything (decode,
+            resize, colour, blur, flip, normalise, as DALI operators) with a CUDA ``device``;
+            on CPU only the decoding (with the random crop fused), the rest as torch's resize and
+            fastclip's ``augment`` op, which measured faster there (``benchmarks/RESULTS.md``).
+            "all": DALI's operators on CPU too.  "decode": the CPU split (CPU only).
 
     Yields ``(images, tokens)``; the simclr preset adds its extra views: ``(images, tokens, view1,
     view2)``; then ``labels`` and ``meta`` when asked for.  ``stats`` (cumulative) and
@@ -196,7 +201,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
                  world_size: Optional[int] = None, worker: Optional[int] = None,
                  num_workers: Optional[int] = None, drop_last: bool = False, prefetch: int = 2,
                  with_labels: bool = False, return_meta: bool = False, wrong_modes: str = "skip",
-                 warn: bool = True, **augment_overrides):
+                 dali_ops: str = "auto", warn: bool = True, **augment_overrides):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads < 1:
@@ -205,10 +210,15 @@ class ClipLoader(torch.utils.data.IterableDataset):
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        if dali_ops not in ("auto", "all", "decode"):
+            raise ValueError(f"dali_ops must be 'auto', 'all' or 'decode', got {dali_ops!r}")
+        self.dali_ops = dali_ops
         self.cfg = AugmentConfig.from_name(augment, image_size=image_size, train=train, **augment_overrides)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.backend = select_backend(backend, self.device, dtype)
+        if dali_ops == "decode" and self.device.type != "cpu":
+            raise ValueError(f"dali_ops='decode' runs on CPU only, got device {self.device} (use 'auto' or 'all')")
         self.batch_size, self.num_threads, self.prefetch = batch_size, num_threads, prefetch
         self.seed, self.drop_last, self.warn = seed, drop_last, warn
         self.with_labels, self.return_meta = with_labels, return_meta
@@ -498,7 +508,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         seed = random.Random(self._rng_seed("dali", epoch, slot, 0)).getrandbits(31)
-        ops = "all" if device_id is not None else "decode"
+        ops = self.dali_ops if self.dali_ops != "auto" else ("all" if device_id is not None else "decode")
         pipe = _dali.build_pipeline(self.cfg, source, self.batch_size, self.num_threads, seed, device_id,
                                     prefetch=self.prefetch, ops=ops)
         pool = self._pool("fastclip-resize")

@@ -255,9 +255,35 @@ def test_argument_errors(tmp_path, tokenizer):
         ClipLoader(paths, 2, dtype=torch.int8, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="split must be"):
         ClipLoader(paths, 2, split="rows", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="dali_ops must be 'auto', 'all' or 'decode', got 'some'"):
+        ClipLoader(paths, 2, dali_ops="some", tokenizer=tokenizer)
     bad_tok = ClipLoader(paths, 2, tokenizer=lambda texts: [[1, 2]] * len(texts), backend="pil")
     with pytest.raises(ValueError, match=r"tokenizer must return a tensor \[B, context_length\]"):
         list(bad_tok)
+
+
+@needs_dali
+@pytest.mark.parametrize("preset", ["clip_aug", "simclr"])
+def test_dali_operators_on_cpu_when_asked(tmp_path, preset, tokenizer):
+    """dali_ops="all": DALI's own CPU operators augment (what a GPU runs by default); same contract,
+    every good sample once, bad ones skipped and counted as on the default path."""
+    paths, good_keys, expected = bad_set(tmp_path, decoder_corrupt=True)  # DALI fails a batch too
+    loader = ClipLoader(paths, 4, image_size=16, augment=preset, backend="dali", dali_ops="all",
+                        tokenizer=tokenizer, shuffle=0, return_meta=True, warn=False)
+    batches = list(loader)
+    assert sorted(_keys(batches)) == sorted(good_keys)
+    assert dict(loader.epoch_stats.skipped) == expected
+    assert loader.epoch_stats.notes.get("dali_batch_fallback", 0) >= 1
+    for b in batches:
+        views = [b[0], *b[2:-1]]
+        assert len(views) == (3 if preset == "simclr" else 1)
+        for x in views:
+            assert x.shape == (len(b[-1]["keys"]), 3, 16, 16) and x.dtype == torch.float32
+            unit = _unnormalise(x)
+            assert unit.min() > -0.02 and unit.max() < 1.02
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="dali_ops='decode' runs on CPU only"):
+            ClipLoader(paths, 4, backend="dali", dali_ops="decode", device="cuda", tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
