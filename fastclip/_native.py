@@ -11,9 +11,9 @@ the PATH) at ``-O3`` into the cache directory (``$FASTCLIP_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastclip``, else ``~/.cache/fastclip``), keyed by a hash of the source, the
 compiler and the flags, and loads it with ctypes.  Concurrent processes each compile to a temporary
 file and rename it into place, so they never see a half-written library; a cached file that does
-not load is rebuilt once; a cache directory that another user could write to is refused.
-``FASTCLIP_NATIVE=0`` turns the native kernels off.  ``reason(name)`` is None when the library loads, else why not
-(compiled once per process, then remembered).
+not load is rebuilt once; a cache directory owned by another user or writable by everyone is
+refused.  ``FASTCLIP_NATIVE=0`` turns the native kernels off.  ``reason(name)`` is None when the
+library loads, else why not (compiled once per process, then remembered).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
+
+from .ops.dispatch import env_flag
 
 __all__ = ["library", "reason", "cache_dir", "reset"]
 
@@ -96,7 +98,7 @@ def _compile(cc: list, flags: tuple, source: Path, target: Path) -> Optional[str
 
 
 def _build(name: str) -> tuple:
-    if os.environ.get("FASTCLIP_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+    if not env_flag("FASTCLIP_NATIVE", True):
         return None, "disabled by FASTCLIP_NATIVE=0"
     if platform.system() == "Windows":
         return None, "compiling the native kernels is not supported on Windows yet"

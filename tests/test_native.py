@@ -1,7 +1,6 @@
 """fastclip._native: the C kernels compiled on first use, cached, and refused with a reason."""
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,18 +18,25 @@ POSIX = sys.platform != "win32"
 @functools.lru_cache(maxsize=None)
 def _can_compile() -> bool:
     """A C compiler that builds a shared library here (on the PATH is not enough: headers may be missing)."""
-    cc = next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cc = _native._compiler()  # the one _native would use ($CC, else cc, gcc, clang)
     if cc is None or not POSIX:
         return False
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "t.c")
         with open(src, "w") as f:
             f.write("#include <stdint.h>\n#include <string.h>\nint64_t f(void) { return 1; }\n")
-        return subprocess.run([cc, "-shared", "-fPIC", src, "-o", os.path.join(d, "t.so")],
+        return subprocess.run([*cc, "-shared", "-fPIC", src, "-o", os.path.join(d, "t.so")],
                               capture_output=True, check=False).returncode == 0
 
 
 needs_cc = pytest.mark.skipif(not _can_compile(), reason="no working C compiler on this machine")
+
+
+def _reason_in_a_new_process(cache) -> str:
+    code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, FASTCLIP_CACHE_DIR=str(cache)))
+    return out.stdout.strip()
 
 
 @pytest.fixture
@@ -53,11 +59,7 @@ def test_compiles_once_and_is_reused(fresh):
     os.umask(umask)
     assert built[0].stat().st_mode & 0o777 == 0o755 & ~umask  # other users of a shared cache can load it
     stamp = built[0].stat().st_mtime_ns
-    # another process finds it in the cache (no second compile)
-    code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, FASTCLIP_CACHE_DIR=str(fresh)))
-    assert out.stdout.strip() == "None"
+    assert _reason_in_a_new_process(fresh) == "None"  # another process finds it (no second compile)
     assert list(fresh.glob("augment_cpu-*.so")) == built and built[0].stat().st_mtime_ns == stamp
 
 
@@ -78,23 +80,16 @@ def _refused_with(fragment: str):
 @needs_cc
 def test_a_corrupt_cached_library_is_rebuilt(fresh):
     # Only in other processes: truncating a library this process has mapped would crash it (SIGBUS).
-    code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
-
-    def reason_in_a_new_process():
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=dict(os.environ, FASTCLIP_CACHE_DIR=str(fresh)))
-        return out.stdout.strip()
-    assert reason_in_a_new_process() == "None"
+    assert _reason_in_a_new_process(fresh) == "None"
     (built,) = fresh.glob("augment_cpu-*.so")
     built.write_bytes(b"")  # truncated (a full disk, a killed copy)
-    assert reason_in_a_new_process() == "None"
+    assert _reason_in_a_new_process(fresh) == "None"
     assert built.stat().st_size > 0 and len(list(fresh.glob("augment_cpu-*.so"))) == 1
 
 
 @needs_cc
 def test_compiler_with_arguments(fresh, monkeypatch):
-    cc = next(shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c))
-    monkeypatch.setenv("CC", f"{cc} -DFASTCLIP_UNUSED=1")  # as in CC="ccache gcc"
+    monkeypatch.setenv("CC", " ".join([*_native._compiler(), "-DFASTCLIP_UNUSED=1"]))  # as CC="ccache gcc"
     assert _native.reason("augment_cpu") is None
 
 

@@ -9,7 +9,8 @@ Two forms, chosen by the loader:
 ``ops="all"``     DALI does everything: decoding (``fn.decoders.image``; a random-resized crop is
                   fused into the decoder, ``fn.decoders.image_random_crop``, so a JPEG is decoded
                   only inside its window), resize, colour twist, blur, flip and normalisation.
-                  Used with ``device="mixed"`` (GPU), where those operators are fast kernels.
+                  Used with ``device="mixed"`` (GPU), where those operators are fast kernels, and
+                  on CPU when asked for (``ClipLoader(dali_ops="all")``).
 ``ops="decode"``  DALI decodes (with the same fused random crop) and hands over uint8 HWC crops;
                   resizing runs on torch's uint8 kernels (``augment.resize_crop``) and the colour
                   operations in fastclip's ``augment.augment_batch`` (its C kernel where a C

@@ -454,7 +454,8 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[
     maps = {
         "a": (a / std / 255.0).to(torch.float32),
         "off": (-mean / std).view(3).to(torch.float32),
-        "k": None if params["jitter"] is None else (k.view(n, 1, 1) / std / 255.0).view(n, 3).to(torch.float32),
+        "k": (None if params["jitter"] is None
+              else (k.view(n, 1, 1) / std / 255.0).view(n, 3).to(torch.float32)),
         "lo": (-mean / std).view(3).to(torch.float32),
         "hi": ((1 - mean) / std).view(3).to(torch.float32),
     }
@@ -558,14 +559,16 @@ def _augment_native(images: torch.Tensor, params: dict, maps: dict, out: torch.T
     direct = out.dtype == torch.float32
     tmp = None if direct else _scratch(images.device, (3, h, w), 5)
     f32, row = 4, 2 * radius + 1
+    taps_p = taps.data_ptr() + radius * f32 if taps is not None else 0  # image i's centre tap: + i * row
+    a_p, kl_p = a.data_ptr(), kl.data_ptr() if clamp else 0
+    consts = (off.data_ptr(), luma.data_ptr(), lo.data_ptr() if clamp else None, hi.data_ptr())
+    scratch_p, dst_p = scratch.data_ptr(), None if direct else tmp.data_ptr()
+    out_p, out_step = out.data_ptr(), 3 * h * w * f32
     for i in range(n):
         r = radii[i]
-        dst = out[i] if direct else tmp
-        fn(base + i * sb, sc, sh, sw, h, w, int(flips[i]),
-           taps.data_ptr() + (i * row + radius) * f32 if r else None, r,
-           a.data_ptr() + i * 9 * f32, off.data_ptr(), kl.data_ptr() + i * 3 * f32 if clamp else None,
-           luma.data_ptr(), lo.data_ptr() if clamp else None, hi.data_ptr(), dst.data_ptr(),
-           scratch.data_ptr())
+        fn(base + i * sb, sc, sh, sw, h, w, int(flips[i]), taps_p + i * row * f32 if r else None, r,
+           a_p + i * 9 * f32, consts[0], kl_p + i * 3 * f32 if clamp else None, *consts[1:],
+           out_p + i * out_step if direct else dst_p, scratch_p)
         if not direct:
             out[i].copy_(tmp)
 

@@ -38,9 +38,19 @@ def package_status(name: str) -> Optional[str]:
     return None
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case); else ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
 def triton_interpreter() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return env_flag("TRITON_INTERPRET", False)
 
 
 def triton_device_reasons(device: Optional[torch.device], faster: str) -> list[str]:

@@ -69,3 +69,16 @@ def test_no_backend_message_lists_all_reasons(monkeypatch):
     assert "b: cannot import surely_not_a_package_xyz" in msg
     with pytest.raises(ValueError, match="already registered"):
         dispatch.register(reg, dispatch.Backend("a", lambda: None))
+
+
+def test_env_flag(monkeypatch):
+    from fastclip.ops.dispatch import env_flag
+    cases = (("1", True), ("Yes", True), (" on ", True), ("0", False), ("FALSE", False), ("off", False))
+    for value, want in cases:
+        monkeypatch.setenv("FASTCLIP_TEST_FLAG", value)
+        assert env_flag("FASTCLIP_TEST_FLAG", not want) is want
+    for value in ("", "maybe"):
+        monkeypatch.setenv("FASTCLIP_TEST_FLAG", value)
+        assert env_flag("FASTCLIP_TEST_FLAG", True) is True and env_flag("FASTCLIP_TEST_FLAG", False) is False
+    monkeypatch.delenv("FASTCLIP_TEST_FLAG")
+    assert env_flag("FASTCLIP_TEST_FLAG", True) is True
