@@ -16,13 +16,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.clip_loss import clip_loss
 from ..ops.distributed_loss import _distributed_clip_loss, _distributed_siglip_loss
 from ..ops.siglip_loss import siglip_loss
+from ..ops.simclr_loss import check_temperature, check_views, simclr_loss
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "SimCLRLoss"]
 
 _DIST_MODES = ("lean", "open_clip")
 _SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
@@ -134,3 +136,28 @@ class SigLipLoss(nn.Module):
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
                                chunk_size=self.chunk_size)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SimCLRLoss(nn.Module):
+    """SLIP's SimCLR (NT-Xent) term over two augmented views, O(N) memory (see
+    :func:`fastclip.ops.simclr_loss`).
+
+    ``forward(view1, view2)`` takes the raw [N, D] embeddings of the two views, L2-normalises each
+    row and returns the 0-dim loss; ``temperature`` (default 0.1, as SLIP) is fixed.  Single
+    process: a multi-rank trainer gathers the views across ranks before calling it.
+    """
+
+    def __init__(self, temperature: float = 0.1, *, backend: str = "auto",
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        check_views(view1, view2)  # before F.normalize, whose errors would not name the argument
+        return simclr_loss(F.normalize(view1, dim=-1), F.normalize(view2, dim=-1), self.temperature,
+                           backend=self.backend, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}, chunk_size={self.chunk_size}"
