@@ -6,7 +6,8 @@ with a compositional caption::
     "a small red triangle above a large blue circle on a white background"
 
 and a class label (the colour and shape of the first-named object: 30 classes, ``CLASSNAMES``)
-for zero-shot evaluation with ``TEMPLATES``.  ``caption_noise`` is the fraction of captions that
+for zero-shot evaluation with ``TEMPLATES`` (prompts in the captions' words, e.g. "a small {} on a
+white background", averaged over sizes and backgrounds).  ``caption_noise`` is the fraction of captions that
 are corrupted or mismatched (another scene's caption, a wrong colour or shape, shuffled words, or
 a generic web caption), so that "small clean data beats large noisy data" can be reproduced at
 toy scale; ``json["caption_ok"]`` says which.
@@ -35,7 +36,12 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 12
 SIZES = {"small": 0.24, "large": 0.42}
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 CLASSNAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
-TEMPLATES = ("a {}.", "a picture of a {}.", "a {} on a plain background.", "a drawing of a {}.")
+# Zero-shot prompts in the captions' own words: a single-object caption reads "a small red circle
+# on a white background", so each class is prompted at both sizes on all three backgrounds and the
+# six embeddings are averaged (generic prompts such as "a picture of a {}." use words the captions
+# never contain, which a model trained on these captions cannot read).
+TEMPLATES = tuple(f"a {size} {{}} on a {bg} background" for size in ("small", "large")
+                  for bg in ("white", "black", "gray"))
 GENERIC_CAPTIONS = ("an image", "a picture", "untitled", "IMG_0423.JPG", "click here to see more",
                     "stock photo", "download wallpaper", "view full size")
 CORRUPTIONS = ("mismatch", "attribute", "shuffle", "generic")
