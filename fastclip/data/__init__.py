@@ -9,6 +9,8 @@ Importing this package imports neither PIL nor DALI; the loader backends are reg
     for images, tokens in loader:         # [B, 3, 224, 224] float, [B, 77] long
         out = model(images, tokens)
     loader.stats.as_dict()                # delivered / skipped per reason, for the trainer's log
+    state = loader.state_dict()           # in a checkpoint; a new loader's load_state_dict(state)
+                                          # continues inside the epoch, the same batches bit for bit
 """
 from .augment import CLIP_MEAN, CLIP_STD, PRESETS, AugmentConfig, augment_batch
 from .loader import ClipLoader, backend_reasons, default_tokenizer, make_loader, select_backend

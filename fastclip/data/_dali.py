@@ -10,22 +10,37 @@ Two forms, chosen by the loader:
                   fused into the decoder, ``fn.decoders.image_random_crop``, so a JPEG is decoded
                   only inside its window), resize, colour twist, blur, flip and normalisation.
                   Used with ``device="mixed"`` (GPU), where those operators are fast kernels, and
-                  on CPU when asked for (``ClipLoader(dali_ops="all")``).
-``ops="decode"``  DALI decodes (with the same fused random crop) and hands over uint8 HWC crops;
-                  resizing runs on torch's uint8 kernels (``augment.resize_crop``) and the colour
-                  operations in fastclip's ``augment.augment_batch`` (its C kernel where a C
-                  compiler is found, else torch operations).  Used on CPU: measured on
-                  this project's 2-core machine (256 px JPEGs -> 224 px, 2 threads), DALI's CPU
-                  decoder runs ~7400 images/s, as fast as Pillow's decoding in 2 threads (both
-                  are libjpeg-turbo; DALI's edge is the crop fused into the decoder and no
-                  per-image Python or GIL), but its CPU bicubic resize,
-                  ``color_twist`` and ``gaussian_blur`` are each slower than the decoder by 4x or
-                  more (~1800 images/s for decode + resize), and torch's uint8 antialiased resize
-                  is ~6x faster than DALI's.
+                  on CPU when asked for (``ClipLoader(dali_ops="all")``).  DALI's random operators
+                  draw from one generator per pipeline, so the crops and colours depend on where a
+                  pipeline started: a resumed epoch delivers the same samples in the same batches,
+                  but not bitwise the same images.
+``ops="decode"``  DALI decodes and hands over uint8 HWC images; resizing runs on torch's uint8
+                  kernels (``augment.resize_crop``) and the colour operations in fastclip's
+                  ``augment.augment_batch`` (its C kernel where a C compiler is found, else torch
+                  operations).  Used on CPU.  With one view, the loader computes every sample's
+                  crop window in Python (``augment.crop_box`` with the sample's own
+                  ``augment.crop_rng``, on the width and height read from the image header by
+                  ``shards.image_dimensions``) and feeds it with the bytes through the same
+                  ``external_source`` to ``fn.decoders.image_slice`` (integer anchor and shape
+                  inputs: absolute pixels, "WH" order), DALI's region-of-interest decoder: a JPEG
+                  is still decoded only inside its window, and the crop is the one the PIL backend
+                  draws for that sample, whatever the batching (bitwise resumable).  With extra
+                  views (simclr) DALI decodes whole images and the views' boxes are drawn in
+                  Python the same way.  EXIF orientation is not applied here (as Pillow's ``open``
+                  does not), so header sizes, windows and both backends agree.
+                  Measured on this project's 2-core machine (256 px JPEGs -> 224 px, 2 threads),
+                  DALI's CPU decoder runs ~7400 images/s, as fast as Pillow's decoding in 2
+                  threads (both are libjpeg-turbo; DALI's edge is the crop done inside the decoder
+                  and no per-image Python or GIL), but its CPU bicubic resize, ``color_twist`` and
+                  ``gaussian_blur`` are each slower than the decoder by 4x or more (~1800 images/s
+                  for decode + resize), and torch's uint8 antialiased resize is ~6x faster than
+                  DALI's.
 
-A sample that passes the structural check but still fails in DALI's decoder makes DALI fail its
-whole batch; the loader then decodes that batch with PIL (see ``loader.py``), so no good sample is
-lost.  The pipeline keeps running after such an error (checked in tests).
+A sample that passes the structural check but still fails in DALI's decoder (or a window that does
+not fit the decoded image) makes DALI fail its whole batch; the loader then decodes that batch with
+PIL (see ``loader.py``), so no good sample is lost.  The pipeline keeps running after such an error
+(checked in tests).  A sample whose size the header does not give is fed with a 1x1 window and
+decoded by PIL instead.
 """
 from __future__ import annotations
 
@@ -37,7 +52,8 @@ import torch
 
 from .augment import AugmentConfig
 
-__all__ = ["build_pipeline", "outputs_to_torch", "decoded_arrays", "encoded_batch"]
+__all__ = ["build_pipeline", "roi_decode", "outputs_to_torch", "decoded_arrays", "encoded_batch",
+           "window_batch"]
 
 
 def _interp(types, name: str):
@@ -100,9 +116,9 @@ def _colour_and_normalise(fn, types, images, crop, cfg: AugmentConfig):
 
 
 def _decode_only(fn, types, encoded, cfg: AugmentConfig, decoder: str):
-    """uint8 HWC images of any size: the random-resized crop window when ``cfg`` has one and no
-    extra views (fused into the decoder: a JPEG is decoded only inside the window), else the
-    whole image (the caller crops)."""
+    """``ops="all"``, one view: uint8 HWC images of any size, the random-resized crop window when
+    ``cfg`` has one (DALI's own random crop fused into the decoder: a JPEG is decoded only inside
+    the window), else the whole image (the caller crops)."""
     if cfg.random_crop and not cfg.extra_views:
         return fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                              random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
@@ -110,11 +126,19 @@ def _decode_only(fn, types, encoded, cfg: AugmentConfig, decoder: str):
     return fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
 
 
+def roi_decode(cfg: AugmentConfig, ops: str) -> bool:
+    """Whether the pipeline for ``cfg`` and ``ops`` decodes per-sample windows given by the source."""
+    return ops == "decode" and not cfg.extra_views
+
+
 def build_pipeline(cfg: AugmentConfig, source: Callable, batch_size: int, num_threads: int, seed: int,
                    device_id=None, prefetch: int = 2, ops: str = "all"):
     """A built DALI pipeline: ``source()`` returns a list of uint8 arrays (encoded images) or raises
-    StopIteration.  Outputs with ``ops="all"``: the main view, then ``cfg.extra_views`` views, each
-    float CHW; with ``ops="decode"``: one output of uint8 HWC images (see the module docstring)."""
+    StopIteration; when :func:`roi_decode` it returns ``(encoded, anchors, shapes)`` instead, the
+    windows as int32 ``[x, y]`` and ``[width, height]`` per sample (:func:`window_batch`).
+    Outputs with ``ops="all"``: the main view, then ``cfg.extra_views`` views, each float CHW;
+    with ``ops="decode"``: one output of uint8 HWC images, the windows when :func:`roi_decode`,
+    else the whole images (see the module docstring)."""
     from nvidia.dali import fn, pipeline_def, types
 
     if ops not in ("all", "decode"):
@@ -127,9 +151,16 @@ def build_pipeline(cfg: AugmentConfig, source: Callable, batch_size: int, num_th
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed & 0x7FFFFFFF, prefetch_queue_depth=prefetch, enable_conditionals=conditionals)
     def pipe():
+        if roi_decode(cfg, ops):
+            encoded, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                        dtype=[types.UINT8, types.INT32, types.INT32],
+                                                        ndim=[1, 1, 1])
+            # Integer anchor/shape inputs are absolute pixels ("WH" order, the default axis_names).
+            return fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+                                           adjust_orientation=False)
         encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, name="encoded")
         if ops == "decode":
-            return _decode_only(fn, types, encoded, cfg, decoder)
+            return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
         decoded = None
         if cfg.extra_views:  # decode once, crop several times
             decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
@@ -170,3 +201,17 @@ def outputs_to_torch(outputs, dtype: torch.dtype, device: torch.device) -> list:
 
 def encoded_batch(samples) -> list:
     return [np.frombuffer(s.image, dtype=np.uint8) for s in samples]
+
+
+_NO_WINDOW = (0, 0, 1, 1)
+
+
+def window_batch(boxes) -> tuple:
+    """``(anchors, shapes)`` for ``fn.decoders.image_slice`` from ``(left, top, right, bottom)``
+    boxes in whole pixels; None (size unknown) becomes a 1x1 window the loader replaces."""
+    anchors, shapes = [], []
+    for box in boxes:
+        left, top, right, bottom = box if box is not None else _NO_WINDOW
+        anchors.append(np.array((left, top), dtype=np.int32))
+        shapes.append(np.array((right - left, bottom - top), dtype=np.int32))
+    return anchors, shapes

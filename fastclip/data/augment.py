@@ -11,17 +11,21 @@ Presets (``AugmentConfig.from_name``):
               the same image (SLIP's self-supervised branch).
 
 Every preset is evaluated with the same meaning in three places: as DALI operators on the DALI
-GPU path (``fastclip.data._dali``, ``ops="all"``); on the DALI CPU path as DALI's fused random
-crop in the decoder, then :func:`resize_crop` and :func:`augment_batch`; and on the PIL path as a
-per-sample crop box applied by the decoder (so that a JPEG is decoded at reduced scale when the
-crop allows), then the same :func:`augment_batch` (CPU or GPU).  :func:`augment_batch` has two
-backends: ``native``, a C kernel that does a CPU image in one pass (``fastclip/csrc``), and
-``torch``, batched tensor operations; :func:`augment_batch_reference` is their test oracle.  The
+GPU path (``fastclip.data._dali``, ``ops="all"``); on the DALI CPU path as a per-sample crop box
+(:func:`crop_box`) that DALI's region-of-interest decoder decodes (only that window of a JPEG),
+then :func:`resize_crop` and :func:`augment_batch`; and on the PIL path as the same per-sample crop
+box applied by the decoder (so that a JPEG is decoded at reduced scale when the crop allows), then
+the same :func:`augment_batch` (CPU or GPU).  :func:`augment_batch` has two backends: ``native``,
+a C kernel that does a CPU image in one pass (``fastclip/csrc``), and ``torch``, batched tensor
+operations; :func:`augment_batch_reference` is their test oracle.  The
 colour operations run in a fixed order (brightness, contrast, saturation, hue), as DALI's
 ``color_twist`` does, not in torchvision's random order.
 
-Determinism: crop boxes come from a ``random.Random`` and the tensor operations from a
-``torch.Generator``; the loaders seed both from (seed, epoch, slot, batch index).
+Determinism: a sample's crop boxes come from its own ``random.Random`` (:func:`crop_rng`, seeded
+by the loader's seed, the epoch and the sample's uid only, so a crop does not depend on batching,
+chunking, threads, slots or where an interrupted epoch resumed); the tensor operations (colour,
+grayscale, blur, flip) from a ``torch.Generator`` per batch, seeded by (seed, epoch, slot, batch
+index).
 """
 from __future__ import annotations
 
@@ -38,9 +42,9 @@ import torch.nn.functional as F
 
 from ..ops import dispatch
 
-__all__ = ["AugmentConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "crop_box", "int_box", "resize_crop",
-           "draw_params", "slice_params", "augment_batch", "augment_batch_reference", "gaussian_blur",
-           "gaussian_blur_reference"]
+__all__ = ["AugmentConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "crop_rng", "crop_box", "int_box",
+           "resize_crop", "draw_params", "slice_params", "augment_batch", "augment_batch_reference",
+           "gaussian_blur", "gaussian_blur_reference"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -145,6 +149,16 @@ class AugmentConfig:
 # ----------------------------------------------------------------------------------------------
 # Geometry (per sample; applied by the decoder)
 # ----------------------------------------------------------------------------------------------
+def crop_rng(seed: int, epoch: int, uid: tuple) -> random.Random:
+    """The random source of one sample's crop boxes: a function of (seed, epoch, uid) only.
+
+    Seeding a ``random.Random`` from a string (SHA-512 of it) costs ~5 us, small beside decoding
+    an image.  Note that with ``resampled=True`` a sample drawn twice in one epoch is cropped the
+    same way both times (its colour draws still differ: they follow the batch).
+    """
+    return random.Random(f"fastclip-crop-{seed}-{epoch}-{uid[0]}-{uid[1]}")
+
+
 def crop_box(width: int, height: int, cfg: AugmentConfig, rng: Optional[random.Random]) -> tuple:
     """(left, top, right, bottom) in source pixels of the region that becomes the output square.
 

@@ -6,14 +6,15 @@ else PIL).  An explicit choice that cannot run raises with the reason; automatic
 every backend's reason when none can run.
 
 ``dali``  fastclip's tar reader feeds encoded bytes to a DALI pipeline (``fn.external_source`` ->
-          ``fn.decoders.image``).  With a CUDA ``device`` it decodes with ``device="mixed"`` and
-          crops, resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.
-          On CPU, DALI decodes (a random-resized crop fused into the decoder) in ``num_threads``
-          C++ threads, and ``num_threads`` Python threads resize with torch's uint8 kernels, then
-          run the flip, blur, colour knobs and normalisation (``augment_batch``: fastclip's C
-          kernel, or torch tensor operations without a C compiler), each thread on its part of
-          the batch; DALI's own CPU resize and colour operators are several times slower than
-          these (figures in ``_dali.py``).
+          DALI's decoders).  With a CUDA ``device`` it decodes with ``device="mixed"`` and crops,
+          resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.  On
+          CPU, DALI decodes every sample's crop window (computed here and fed beside the bytes to
+          the region-of-interest decoder ``fn.decoders.image_slice``: a JPEG is decoded only
+          inside it) in ``num_threads`` C++ threads, and ``num_threads`` Python threads resize
+          with torch's uint8 kernels, then run the flip, blur, colour knobs and normalisation
+          (``augment_batch``: fastclip's C kernel, or torch tensor operations without a C
+          compiler), each thread on its part of the batch; DALI's own CPU resize and colour
+          operators are several times slower than these (figures in ``_dali.py``).
 ``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
           resizing; JPEGs decode at reduced scale when the crop allows) and resize (torch's uint8
           kernels from 96 px, Pillow's below: ``decode.py``), then the same ``augment_batch``:
@@ -26,9 +27,25 @@ step.  Tokenisation is one batched call per batch.  On CPU, batch memory is recy
 caller no longer holds any tensor, view or array of a batch (``_recycle.py``), which saves the
 kernel's page-fault work on every new batch; batches the caller keeps are never reused.  The
 loader keeps a few idle batches' memory between epochs (``release_memory()`` gives it back).
+
+Randomness: the sample stream (shard order, shuffle buffer) follows (seed, epoch, slot); every
+sample's crop follows (seed, epoch, sample uid) only (``augment.crop_rng``), so it does not depend
+on batching, decode chunks, threads, the number of slots or the backend (PIL and DALI on CPU crop
+a sample the same way; their decoders' and resizers' pixels differ slightly); colour, grayscale,
+blur and flip draws follow (seed, epoch, slot, batch index).  DALI's GPU path (``dali_ops="all"``)
+uses DALI's own random operators instead.
+
+Resuming: ``state_dict()`` says where the caller is (the epoch, how many samples of that epoch's
+stream the delivered batches used up, the next batch index, the counters), as of the batches
+handed to the caller, not those the background thread prepared ahead; ``load_state_dict()`` on a
+new loader with the same arguments makes the next ``iter()`` continue that epoch: the stream's
+first samples are read from the tars but not decoded, batch indices go on, and on CPU the batches
+are bitwise those of an uninterrupted run (see :meth:`ClipLoader.state_dict`).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import queue
 import random
 import threading
@@ -42,14 +59,25 @@ import torch
 
 from ..ops import dispatch
 from ._recycle import BufferPool
-from .augment import AugmentConfig, augment_batch, crop_box, draw_params, int_box, resize_crop, slice_params
-from .shards import DataStats, Sample, ShardSource, split_slots
+from .augment import (
+    AugmentConfig,
+    augment_batch,
+    crop_box,
+    crop_rng,
+    draw_params,
+    int_box,
+    resize_crop,
+    slice_params,
+)
+from .shards import DataStats, Sample, ShardSource, image_dimensions, split_slots
 
 __all__ = ["ClipLoader", "make_loader", "select_backend", "backend_reasons", "default_tokenizer"]
 
 _OP = "data_loader"
 _ENV = "FASTCLIP_DATA_BACKEND"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STATE_VERSION = 1
+_MISSING = object()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +180,16 @@ class _Failed:
         self.exc = exc
 
 
+class _Batch:
+    """A batch on its way to the consumer, with the epoch's stream position after it, the next
+    batch index and the decoding-side counts that go with it (what the state takes over)."""
+
+    __slots__ = ("out", "position", "index", "delta")
+
+    def __init__(self, out: tuple, position: int, index: int, delta: DataStats):
+        self.out, self.position, self.index, self.delta = out, position, index, delta
+
+
 class ClipLoader(torch.utils.data.IterableDataset):
     """Batches of ``(images, tokens)`` from webdataset shards.
 
@@ -167,7 +205,8 @@ class ClipLoader(torch.utils.data.IterableDataset):
         num_threads: decoding threads (DALI's or the PIL pool), and as many Python threads for
             resizing and the colour operations (the PIL pool's own on the PIL backend).
         shuffle: shuffle buffer size (default 2000 when ``train`` else 0); shard order is shuffled too.
-        seed: everything random (shard order, buffer, crops, colour) follows (seed, epoch, slot).
+        seed: everything random follows it: shard order, buffer and colour draws with (epoch, slot,
+            batch index); each sample's crop with (epoch, sample uid) only.
         resampled, samples: draw shards with replacement forever / stop after ``samples`` per slot.
         rank, world_size, worker, num_workers: the slot; default from torch.distributed and the
             torch DataLoader worker info.  ``split``: "auto" | "shard" | "sample" (see ``shards``).
@@ -179,17 +218,25 @@ class ClipLoader(torch.utils.data.IterableDataset):
             Palette images are colour images and are delivered either way (``converted:P``).
         dali_ops: what DALI does on the ``dali`` backend.  "auto" (default): everything (decode,
             resize, colour, blur, flip, normalise, as DALI operators) with a CUDA ``device``;
-            on CPU only the decoding (with the random crop fused), the rest as torch's resize and
+            on CPU only the decoding (of each sample's crop window), the rest as torch's resize and
             fastclip's ``augment`` op, which measured faster there (``benchmarks/RESULTS.md``).
-            "all": DALI's operators on CPU too.  "decode": the CPU split (CPU only).
+            "all": DALI's operators on CPU too (DALI's random operators: not bitwise resumable).
+            "decode": the CPU split (CPU only).
 
     Yields ``(images, tokens)``; the simclr preset adds its extra views: ``(images, tokens, view1,
     view2)``; then ``labels`` and ``meta`` when asked for.  ``stats`` (cumulative) and
     ``epoch_stats`` (last epoch) count what was delivered and what was skipped, per reason.
     Each ``iter()`` is one epoch; call ``set_epoch`` first, or epochs count up from 0.
 
+    ``state_dict()`` / ``load_state_dict()`` resume inside an epoch (a trainer saves the state in
+    its checkpoints): one-pass, ``resampled`` and ``samples=`` modes alike, since a slot's stream
+    for an epoch is fixed by the seed.  On resume the epoch's consumed head is read again from the
+    tars, not decoded: that takes the time of reading those bytes.  With ``resampled=True`` a
+    sample drawn twice in one epoch gets the same crop both times (other draws differ).
+
     It is also a torch ``IterableDataset`` of whole batches: ``DataLoader(loader, batch_size=None,
-    num_workers=k)`` gives every worker process its own slot (counters then live in the workers).
+    num_workers=k)`` gives every worker process its own slot (counters then live in the workers,
+    and so would the resume positions: ``state_dict`` covers a loader iterated in its own process).
     """
 
     def __init__(self, shards, batch_size: int, *, image_size: int = 224,
@@ -232,6 +279,8 @@ class ClipLoader(torch.utils.data.IterableDataset):
         self.stats = DataStats(warn=False)
         self.epoch_stats: Optional[DataStats] = None
         self._buffers = BufferPool()
+        self._resume: Optional[dict] = None  # a loaded state, for the next iter()
+        self._cursor: Optional[dict] = None  # where the caller is in the epoch being iterated
 
     @property
     def backend_name(self) -> str:
@@ -239,10 +288,11 @@ class ClipLoader(torch.utils.data.IterableDataset):
 
     def __getstate__(self) -> dict:
         # Pickled for spawn/forkserver DataLoader workers: the backend goes by name, the counters
-        # and the batch memory start afresh in the worker.
+        # and the batch memory start afresh in the worker (a loaded state goes along: a worker
+        # whose slot is not the state's refuses it).
         state = dict(self.__dict__)
         state["backend"] = self.backend.name
-        state["stats"] = state["epoch_stats"] = state["_buffers"] = None
+        state["stats"] = state["epoch_stats"] = state["_buffers"] = state["_cursor"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -252,7 +302,12 @@ class ClipLoader(torch.utils.data.IterableDataset):
         self._buffers = BufferPool()
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch the next ``iter()`` runs.  A state loaded for another epoch is dropped (one
+        loaded for this epoch is kept: the next ``iter()`` resumes it)."""
         self.epoch = epoch
+        self._cursor = None
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
 
     def release_memory(self) -> None:
         """Give back the batch memory kept for reuse (CPU; about ``prefetch`` + 2 batches' worth
@@ -260,13 +315,111 @@ class ClipLoader(torch.utils.data.IterableDataset):
         fresh memory).  Batches the caller still holds are not affected."""
         self._buffers.release()
 
-    def __iter__(self) -> Iterator[tuple]:
-        epoch = self.epoch
-        self.epoch += 1
+    # ------------------------------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------------------------------
+    def _identity(self, slot: int, slots: int) -> dict:
+        """What a state must share with this loader to be loaded: everything that defines the
+        slot's sample stream, and the batch size."""
+        src = self.source
+        digest = hashlib.sha256("\n".join(src.urls).encode("utf-8")).hexdigest()[:32]
+        return {"seed": self.seed, "batch_size": self.batch_size, "shards": digest,
+                "num_shards": len(src.urls), "slot": slot, "slots": slots, "shuffle": src.shuffle,
+                "resampled": src.resampled, "samples": src.samples, "split": src.split,
+                "wrong_modes": src.wrong_modes}
+
+    def state_dict(self) -> dict:
+        """Where the caller is: what a checkpoint saves to resume the data exactly.
+
+        ``{"version": 1, "identity": {seed, batch_size, shards (a hash of the shard list),
+        num_shards, slot, slots, shuffle, resampled, samples, split, wrong_modes}, "epoch": e,
+        "position": p, "batch": b, "stats": {...}, "epoch_stats": {...}, "backend": name}``:
+        plain Python values (``torch.save``/pickle/JSON-friendly).
+
+        ``position`` counts the samples of epoch ``e``'s stream (``ShardSource.iter`` for this
+        slot, in order) that the batches handed to the caller so far have used up: on the PIL
+        backend the stream index of the last sample of the last batch, plus one (later samples
+        already decoded ahead are decoded again on resume); on DALI the end of the last batch's
+        chunk of ``batch_size`` stream samples.  ``batch`` is the next batch index (it seeds the
+        colour draws).  Batches the background thread prepared but the caller has not received
+        do not count.  ``stats``: the cumulative counters before epoch ``e``; ``epoch_stats``:
+        epoch ``e``'s decoding-side counters for the delivered part (delivered, decoder skips,
+        notes; the reader's skips are counted again when the resumed epoch re-reads its start).
+
+        Once an epoch's loop has ended, the state points at the start of the next epoch
+        (position 0).  Saved after an epoch's last batch but before its loop ended, it points at
+        that epoch's end: resuming then runs an empty rest of that epoch first.  After a loop
+        left early (``break``), it stays at the last batch received until the next ``iter()``.
+        """
         slot, slots = split_slots(*self._slot_args)
-        stats = DataStats(warn=self.warn)
-        samples = self.source.iter(epoch, slot, slots, stats)
-        batches = self.backend.fn(self, samples, epoch, slot, stats)
+        if self._resume is not None:
+            r = self._resume
+            where = {k: r[k] for k in ("epoch", "position", "batch")}
+            stats, epoch_stats = copy.deepcopy(r["stats"]), copy.deepcopy(r["epoch_stats"])
+        elif self._cursor is not None:
+            c = self._cursor
+            where = {k: c[k] for k in ("epoch", "position", "batch")}
+            stats, epoch_stats = copy.deepcopy(c["stats"]), c["epoch_stats"].state_dict()
+        else:
+            where = {"epoch": self.epoch, "position": 0, "batch": 0}
+            stats, epoch_stats = self.stats.state_dict(), DataStats(warn=False).state_dict()
+        return {"version": _STATE_VERSION, "identity": self._identity(slot, slots), **where, "stats": stats,
+                "epoch_stats": epoch_stats, "backend": self.backend.name}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the next ``iter()`` runs the rest of the state's epoch
+        (its stream without the first ``position`` samples, which are read but not decoded; batch
+        indices go on from ``batch``), then epochs count up as usual.  On CPU the batches are
+        bitwise those the saving run would have delivered next (``dali_ops="all"`` excepted: its
+        DALI random operators do not resume).  ``stats`` continue from the state's.
+
+        Raises ValueError naming every difference when the state comes from a loader with another
+        seed, batch size, shard list, slot or stream definition.  A state saved on the other
+        backend loads (its position is exact in samples) but the batches are cut differently.
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+            raise ValueError(f"state must be a dict from ClipLoader.state_dict(), got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')!r}")
+        slot, slots = split_slots(*self._slot_args)
+        mine, theirs = self._identity(slot, slots), state["identity"]
+        diffs = [f"{k}: this loader has {mine[k]!r}, the state has {theirs.get(k, '<missing>')!r}"
+                 for k in mine if theirs.get(k, _MISSING) != mine[k]]
+        if diffs:
+            raise ValueError("cannot load a ClipLoader state saved by a differently configured loader: "
+                             + "; ".join(diffs))
+        for k in ("epoch", "position", "batch"):
+            v = state.get(k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"state[{k!r}] must be an int >= 0, got {v!r}")
+        self.stats = DataStats.from_state(state["stats"])
+        DataStats.from_state(state["epoch_stats"])  # checked now rather than at iter()
+        self.epoch = state["epoch"]
+        self._cursor = None
+        self._resume = {"epoch": state["epoch"], "position": state["position"], "batch": state["batch"],
+                        "slot": slot, "slots": slots, "stats": copy.deepcopy(state["stats"]),
+                        "epoch_stats": copy.deepcopy(state["epoch_stats"])}
+
+    def __iter__(self) -> Iterator[tuple]:
+        slot, slots = split_slots(*self._slot_args)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            if (resume["slot"], resume["slots"]) != (slot, slots):
+                raise ValueError(f"the loaded state is for slot {resume['slot']} of {resume['slots']}, but "
+                                 f"this loader runs slot {slot} of {slots} (a state resumes the loader that "
+                                 "saved it, not DataLoader worker processes)")
+            epoch, start, index = resume["epoch"], resume["position"], resume["batch"]
+            consumed = DataStats.from_state(resume["epoch_stats"])
+        else:
+            epoch, start, index = self.epoch, 0, 0
+            consumed = DataStats(warn=False)
+        self.epoch = epoch + 1
+        # The epoch's counters start from what the delivered part of a resumed epoch counted.
+        stats = DataStats(warn=self.warn).merge(consumed)
+        cursor = self._cursor = {"epoch": epoch, "position": start, "batch": index,
+                                 "stats": self.stats.state_dict(), "epoch_stats": consumed}
+        samples = self.source.iter(epoch, slot, slots, stats, start=start)
+        batches = self.backend.fn(self, samples, epoch, slot, stats, start, index)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -298,7 +451,10 @@ class ClipLoader(torch.utils.data.IterableDataset):
                     break
                 if isinstance(item, _Failed):
                     raise item.exc
-                yield item
+                # Delivered: the state moves past this batch before the caller sees it.
+                consumed.merge(item.delta)
+                cursor["position"], cursor["batch"] = item.position, item.index
+                yield item.out
         finally:
             stop.set()
             while thread.is_alive():
@@ -309,6 +465,8 @@ class ClipLoader(torch.utils.data.IterableDataset):
             thread.join()
             self.epoch_stats = stats
             self.stats.merge(stats)
+            if finished and self._cursor is cursor:
+                self._cursor = None  # the state is the next epoch's start
             if finished and stats.skipped and self.warn:
                 warnings.warn(f"fastclip.data: epoch {epoch} (slot {slot}/{slots}): delivered "
                               f"{stats.delivered}, skipped {dict(stats.skipped)}", UserWarning, stacklevel=2)
@@ -323,8 +481,17 @@ class ClipLoader(torch.utils.data.IterableDataset):
         s = random.Random(self._rng_seed("colour", epoch, slot, index)).getrandbits(63)
         return torch.Generator().manual_seed(s)
 
-    def _finish(self, views: list, samples: Sequence[Sample], stats: DataStats) -> tuple:
-        """Images (and views) ready; add tokens, labels, meta."""
+    @property
+    def _random_crop(self) -> bool:
+        return self.cfg.random_crop or bool(self.cfg.extra_views and self.cfg.view.random_crop)
+
+    def _crop_rng(self, epoch: int, sample: Sample) -> Optional[random.Random]:
+        """The sample's own crop randomness (None when no view crops at random)."""
+        return crop_rng(self.seed, epoch, sample.uid) if self._random_crop else None
+
+    def _finish(self, views: list, samples: Sequence[Sample], stats: DataStats, delta: DataStats) -> tuple:
+        """Images (and views) ready; add tokens, labels, meta.  Counted in the epoch's ``stats`` and
+        in the batch's ``delta`` (what the consumer's state takes over with it)."""
         tokens = self.tokenizer([s.caption for s in samples])
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(samples):
             raise ValueError(f"tokenizer must return a tensor [B, context_length] for B={len(samples)} "
@@ -338,25 +505,26 @@ class ClipLoader(torch.utils.data.IterableDataset):
         if self.return_meta:
             out.append({"keys": [s.key for s in samples], "uids": [s.uid for s in samples],
                         "captions": [s.caption for s in samples], "shards": [s.shard for s in samples]})
-        for s in samples:
-            if s.mode is not None and s.mode != "RGB":  # converted: palette, or wrong_modes="convert"
-                stats.note(f"converted:{s.mode}")
-        stats.add_delivered(len(samples))
+        for counter in (stats, delta):
+            for s in samples:
+                if s.mode is not None and s.mode != "RGB":  # converted: palette, or wrong_modes="convert"
+                    counter.note(f"converted:{s.mode}")
+            counter.add_delivered(len(samples))
         return tuple(out)
 
-    def _decode_chunk(self, chunk: Sequence[Sample], rng_seed: str, stats: DataStats) -> list:
-        """PIL: [(sample, [view arrays])] for the samples that decode; the others are counted."""
+    def _decode_chunk(self, chunk: Sequence[Sample], first: int, epoch: int) -> tuple[list, list]:
+        """PIL: ``([(sample, [view arrays], stream index)] for the samples that decode,
+        [(stream index, reason, where)] for the others)``; ``first`` is the chunk's first index."""
         from .decode import DecodeError, decode_views
-        rng = random.Random(rng_seed)
-        out = []
-        for s in chunk:
+        out, failed = [], []
+        for i, s in enumerate(chunk, first):
             try:
-                views = decode_views(s.image, self.cfg, rng)
+                views = decode_views(s.image, self.cfg, self._crop_rng(epoch, s))
             except DecodeError as exc:
-                stats.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
+                failed.append((i, "corrupt_image", f"{s.shard}:{s.key}: {exc}"))
                 continue
-            out.append((s, views))
-        return out
+            out.append((s, views, i))
+        return out, failed
 
     def _stacked_views(self, decoded: list) -> list:
         """PIL: the decoded ``[3, S, S]`` views stacked into uint8 batches, one per view, seen as
@@ -365,36 +533,67 @@ class ClipLoader(torch.utils.data.IterableDataset):
         for v in range(1 + self.cfg.extra_views):
             first = decoded[0][1][v]
             batch = self._buffers.empty((len(decoded), *first.shape), torch.uint8)
-            torch.stack([views[v] for _, views in decoded], out=batch)
+            torch.stack([item[1][v] for item in decoded], out=batch)
             out.append(batch.permute(0, 2, 3, 1))
         return out
 
-    def _resized_views(self, images: list, rng_seed: str, generator: torch.Generator,
-                       pool: ThreadPoolExecutor) -> list:
-        """DALI CPU path: uint8 HWC ``images`` (a fused random crop already applied by the decoder
-        unless there are extra views) -> cropped and resized by the threads of ``pool``, each on
-        its part of the batch, then augmented the same way (:meth:`_augment_views`)."""
+    def _window(self, sample: Sample, epoch: int) -> Optional[tuple]:
+        """DALI CPU path, one view: the sample's crop window in whole pixels (the box the PIL
+        backend draws for it), from the image size in its header; None when the header does not
+        give the size."""
+        dims = image_dimensions(sample.image)
+        if dims is None:
+            return None
+        w, h = dims
+        return int_box(crop_box(w, h, self.cfg, self._crop_rng(epoch, sample)), w, h)
+
+    def _dali_cpu_views(self, images: list, chunk: list, windows: Optional[list], epoch: int,
+                        generator: torch.Generator, pool: ThreadPoolExecutor, stats: DataStats,
+                        delta: DataStats) -> tuple[list, list]:
+        """DALI CPU path: uint8 HWC ``images`` (the decoded windows when ``windows`` is given, else
+        whole images cropped here by each sample's own boxes) -> resized by the threads of
+        ``pool``, each on its part of the batch, then augmented (:meth:`_augment_views`).
+
+        A sample without a window (its size unread) or whose decoded window is not the size asked
+        for is decoded by PIL instead (cropped the same way); one PIL cannot decode either is left
+        out and counted.  Returns (the samples kept, their views).
+        """
+        from .decode import DecodeError, decode_views
         cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
-        size, n = self.cfg.image_size, len(images)
-        rng = random.Random(rng_seed)
-        boxes = []
-        for img in images:
-            h, w = int(img.shape[0]), int(img.shape[1])
-            if self.cfg.extra_views:
-                boxes.append([int_box(crop_box(w, h, c, rng), w, h) for c in cfgs])
-            elif self.cfg.random_crop:
-                boxes.append([None])
+        size = self.cfg.image_size
+        kept, boxes, ready = [], [], {}
+        for i, (s, img) in enumerate(zip(chunk, images)):
+            if windows is not None:
+                box = windows[i]
+                if box is None or tuple(img.shape[:2]) != (box[3] - box[1], box[2] - box[0]):
+                    try:
+                        ready[len(kept)] = decode_views(s.image, self.cfg, self._crop_rng(epoch, s))
+                    except DecodeError as exc:
+                        for counter in (stats, delta):
+                            counter.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
+                        continue
+                boxes.append([None])  # the decoder cut the window: resize all of it
             else:
-                boxes.append([int_box(crop_box(w, h, self.cfg, None), w, h)])
+                h, w = int(img.shape[0]), int(img.shape[1])
+                rng = self._crop_rng(epoch, s)
+                boxes.append([int_box(crop_box(w, h, c, rng), w, h) for c in cfgs])
+            kept.append(i)
+        n = len(kept)
+        if n == 0:
+            return [], []
         resized = self._buffers.empty((len(cfgs), n, 3, size, size), torch.uint8)
 
         def work(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
+            for j in range(lo, hi):
                 for v, c in enumerate(cfgs):
-                    resize_crop(images[i], boxes[i][v], size, c.interpolation, resized[v, i])
+                    if j in ready:
+                        resized[v, j].copy_(ready[j][v])
+                    else:
+                        resize_crop(images[kept[j]], boxes[j][v], size, c.interpolation, resized[v, j])
 
         self._in_pool(pool, n, work)
-        return self._augment_views([r.permute(0, 2, 3, 1) for r in resized], generator, pool)
+        views = self._augment_views([r.permute(0, 2, 3, 1) for r in resized], generator, pool)
+        return [chunk[i] for i in kept], views
 
     def _pool(self, name: str) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(self.num_threads, thread_name_prefix=name,
@@ -428,21 +627,26 @@ class ClipLoader(torch.utils.data.IterableDataset):
         self._in_pool(pool, n, work)
         return out
 
-    def _chunks(self, samples: Iterator[Sample], size: int) -> Iterator[list]:
+    def _chunks(self, samples: Iterator[Sample], size: int, start: int) -> Iterator[tuple[int, list]]:
+        """``(stream index of the first sample, chunk)``: ``samples`` (which begin at stream index
+        ``start``) cut into lists of ``size``."""
         chunk = []
         for s in samples:
             chunk.append(s)
             if len(chunk) == size:
-                yield chunk
+                yield start, chunk
+                start += size
                 chunk = []
         if chunk:
-            yield chunk
+            yield start, chunk
 
     # ------------------------------------------------------------------------------------------
     # PIL backend
     # ------------------------------------------------------------------------------------------
-    def _pil_batches(self, samples: Iterator[Sample], epoch: int, slot: int,
-                     stats: DataStats) -> Iterator[tuple]:
+    def _pil_batches(self, samples: Iterator[Sample], epoch: int, slot: int, stats: DataStats,
+                     start: int, index: int) -> Iterator[_Batch]:
+        """The next ``batch_size`` samples that decode, in stream order; a batch's position is the
+        stream index of its last sample + 1, and the decoder skips before it go with it."""
         chunk_size = max(1, min(self.batch_size, 32))
         depth = self.num_threads * 2 + (self.batch_size + chunk_size - 1) // chunk_size
         # One pool for decoding and augmenting: a batch's augmentation waits behind the decode
@@ -451,68 +655,91 @@ class ClipLoader(torch.utils.data.IterableDataset):
         pool = self._pool("fastclip-decode")
         pending: deque = deque()
         ready: list = []
-        batch_index = 0
+        failed: deque = deque()  # decoder skips not yet handed over with a batch
+
+        def emit(decoded: list) -> _Batch:
+            position = decoded[-1][2] + 1
+            delta = DataStats(warn=False)
+            while failed and failed[0][0] < position:
+                _, reason, where = failed.popleft()
+                delta.skip(reason, where)
+            return self._pil_emit(decoded, epoch, slot, index, stats, pool, position, delta)
+
         try:
-            chunks = enumerate(self._chunks(samples, chunk_size))
+            chunks = self._chunks(samples, chunk_size, start)
             exhausted = False
             while True:
                 while not exhausted and len(pending) < depth:
                     try:
-                        i, chunk = next(chunks)
+                        first, chunk = next(chunks)
                     except StopIteration:
                         exhausted = True
                         break
-                    seed = self._rng_seed("crop", epoch, slot, i)
-                    pending.append(pool.submit(self._decode_chunk, chunk, seed, stats))
+                    pending.append(pool.submit(self._decode_chunk, chunk, first, epoch))
                 if not pending:
                     break
-                ready.extend(pending.popleft().result())
+                decoded, failures = pending.popleft().result()
+                for _, reason, where in failures:
+                    stats.skip(reason, where)
+                failed.extend(failures)
+                ready.extend(decoded)
                 while len(ready) >= self.batch_size:
                     batch, ready = ready[:self.batch_size], ready[self.batch_size:]
-                    yield self._pil_emit(batch, epoch, slot, batch_index, stats, pool)
-                    batch_index += 1
+                    yield emit(batch)
+                    index += 1
             if ready and not self.drop_last:
-                yield self._pil_emit(ready, epoch, slot, batch_index, stats, pool)
+                yield emit(ready)
         finally:
             for f in pending:
                 f.cancel()
             pool.shutdown(wait=True)
 
     def _pil_emit(self, decoded: list, epoch: int, slot: int, index: int, stats: DataStats,
-                  pool: ThreadPoolExecutor) -> tuple:
+                  pool: ThreadPoolExecutor, position: int, delta: DataStats) -> _Batch:
         views = self._augment_views(self._stacked_views(decoded), self._generator(epoch, slot, index), pool)
-        return self._finish(views, [s for s, _ in decoded], stats)
+        out = self._finish(views, [item[0] for item in decoded], stats, delta)
+        return _Batch(out, position, index + 1, delta)
 
     # ------------------------------------------------------------------------------------------
     # DALI backend
     # ------------------------------------------------------------------------------------------
-    def _dali_batches(self, samples: Iterator[Sample], epoch: int, slot: int,
-                      stats: DataStats) -> Iterator[tuple]:
+    def _dali_batches(self, samples: Iterator[Sample], epoch: int, slot: int, stats: DataStats,
+                      start: int, index: int) -> Iterator[_Batch]:
+        """Chunks of ``batch_size`` stream samples, one DALI batch each; a batch's position is the
+        end of its chunk (also when PIL decodes a chunk DALI failed)."""
         from . import _dali
-        chunks = self._chunks(samples, self.batch_size)
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        ops = self.dali_ops if self.dali_ops != "auto" else ("all" if device_id is not None else "decode")
+        roi = _dali.roi_decode(self.cfg, ops)
+        chunks = self._chunks(samples, self.batch_size, start)
         fed: deque = deque()
         source_error: list = []
 
         def source():
             try:
-                chunk = next(chunks)  # StopIteration ends DALI's epoch
+                first, chunk = next(chunks)  # StopIteration ends DALI's epoch
             except StopIteration:
                 raise
             except Exception as exc:  # the reader's own error: end DALI's epoch, raise it below
                 source_error.append(exc)
                 raise StopIteration from exc
-            fed.append(chunk)
-            return _dali.encoded_batch(chunk)
+            encoded = _dali.encoded_batch(chunk)
+            if not roi:
+                fed.append((first, chunk, None))
+                return encoded
+            windows = [self._window(s, epoch) for s in chunk]
+            fed.append((first, chunk, windows))
+            return (encoded, *_dali.window_batch(windows))
 
-        device_id = None
-        if self.device.type == "cuda":
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        seed = random.Random(self._rng_seed("dali", epoch, slot, 0)).getrandbits(31)
-        ops = self.dali_ops if self.dali_ops != "auto" else ("all" if device_id is not None else "decode")
+        # Only ops="all" draws from DALI's generator; seeded from where this run starts.
+        seed = random.Random(self._rng_seed("dali", epoch, slot, index)).getrandbits(31)
         pipe = _dali.build_pipeline(self.cfg, source, self.batch_size, self.num_threads, seed, device_id,
                                     prefetch=self.prefetch, ops=ops)
         pool = self._pool("fastclip-resize")
-        index = unexplained = 0
+        unexplained = 0
+        delta = DataStats(warn=False)  # counted since the last batch handed over
         try:
             while True:
                 try:
@@ -524,32 +751,41 @@ class ClipLoader(torch.utils.data.IterableDataset):
                     # fails the batch: decode this batch with PIL instead (counting what fails there).
                     if source_error or not fed:
                         raise
-                    chunk = fed.popleft()
-                    stats.note("dali_batch_fallback")
-                    before = stats.total_skipped
-                    decoded = self._decode_chunk(chunk, self._rng_seed("crop", epoch, slot, index), stats)
+                    first, chunk, _ = fed.popleft()
+                    for counter in (stats, delta):
+                        counter.note("dali_batch_fallback")
+                    decoded, failures = self._decode_chunk(chunk, first, epoch)
+                    for _, reason, where in failures:
+                        stats.skip(reason, where)
+                        delta.skip(reason, where)
                     # Guard against a pipeline that fails for reasons other than the data.
-                    unexplained = unexplained + 1 if stats.total_skipped == before else 0
+                    unexplained = 0 if failures else unexplained + 1
                     if unexplained >= 3:
                         raise RuntimeError("DALI failed 3 batches in a row in which PIL found no bad image; "
                                            f"the pipeline itself seems broken: {exc}") from exc
                     if decoded and not (self.drop_last and len(decoded) < self.batch_size):
-                        yield self._pil_emit(decoded, epoch, slot, index, stats, pool)
+                        yield self._pil_emit(decoded, epoch, slot, index, stats, pool, first + len(chunk),
+                                             delta)
+                        delta = DataStats(warn=False)
                     index += 1
                     if not decoded:
                         warnings.warn(f"fastclip.data: DALI failed a batch and PIL decoded none of it: {exc}")
                     continue
-                chunk = fed.popleft()
+                first, chunk, windows = fed.popleft()
                 if self.drop_last and len(chunk) < self.batch_size:
                     break
                 unexplained = 0
+                end = first + len(chunk)
                 if ops == "all":
                     views = _dali.outputs_to_torch(outputs, self.dtype, self.device)
                 else:  # done with DALI's buffers before the next run()
-                    views = self._resized_views(_dali.decoded_arrays(outputs[0]),
-                                                self._rng_seed("crop", epoch, slot, index),
-                                                self._generator(epoch, slot, index), pool)
-                yield self._finish(views, chunk, stats)
+                    images = _dali.decoded_arrays(outputs[0])
+                    generator = self._generator(epoch, slot, index)
+                    chunk, views = self._dali_cpu_views(images, chunk, windows, epoch, generator, pool, stats,
+                                                        delta)
+                if chunk:
+                    yield _Batch(self._finish(views, chunk, stats, delta), end, index + 1, delta)
+                    delta = DataStats(warn=False)
                 index += 1
             if source_error:
                 raise source_error[0]

@@ -24,10 +24,19 @@ unequal counts); ``split="sample"`` lets every slot read every shard and keep go
 iff ``i % slots == slot`` (counts differ by at most one; I/O is multiplied by the number of
 slots).  ``split="auto"`` takes ``shard`` when there are at least as many shards as slots.  With
 ``resampled=True`` each slot draws shards with replacement, forever (or ``samples`` per slot).
+
+Resuming: a slot's sample stream for an epoch is a function of (seed, epoch, slot, slots) and the
+shard list, so ``ShardSource.iter(..., start=n)`` gives the same stream without its first ``n``
+samples, which are read from the tars (skips along the way are counted again) but not decoded:
+the loader resumes inside an epoch this way (``ClipLoader.load_state_dict``).  A sample's ``uid``
+(shard index, ordinal in the shard) names it independently of slots and batching; the loader
+draws each sample's crop from (seed, epoch, uid).  :func:`image_dimensions` reads an image's width
+and height from its header, without decoding, for the DALI path's region-of-interest decode.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -41,7 +50,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 __all__ = [
     "IMAGE_EXTS", "DataStats", "Sample", "expand_shards", "read_tar", "iter_shard",
-    "ShardSource", "ShardWriter", "check_image_bytes", "image_mode", "RGB_MODES", "split_slots",
+    "ShardSource", "ShardWriter", "check_image_bytes", "image_mode", "image_dimensions", "RGB_MODES",
+    "split_slots",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -113,6 +123,25 @@ class DataStats:
             out.update({f"skipped/{k}": v for k, v in sorted(self.skipped.items())})
             out.update({f"note/{k}": v for k, v in sorted(self.notes.items())})
         return out
+
+    def state_dict(self) -> dict:
+        """The counters as plain dicts (picklable; what a checkpoint stores)."""
+        with self._lock:
+            return {"delivered": self.delivered, "skipped": dict(self.skipped), "notes": dict(self.notes),
+                    "examples": dict(self.examples)}
+
+    def load_state_dict(self, state: dict) -> "DataStats":
+        """Replace the counters with those of :meth:`state_dict`."""
+        with self._lock:
+            self.delivered = int(state["delivered"])
+            self.skipped = Counter(state.get("skipped", {}))
+            self.notes = Counter(state.get("notes", {}))
+            self.examples = dict(state.get("examples", {}))
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict, warn: bool = False) -> "DataStats":
+        return cls(warn=warn).load_state_dict(state)
 
     def summary(self) -> str:
         d = self.as_dict()
@@ -294,6 +323,30 @@ _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 _PNG_16 = {"L": "I;16", "RGB": "RGB;16", "LA": "LA;16", "RGBA": "RGBA;16"}
 
 
+def _jpeg_frame(data: bytes) -> Optional[int]:
+    """Offset of the JPEG's start-of-frame marker (with its fields complete), or None."""
+    n = len(data)
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:  # stray bytes between segments: decoders skip them, so do we
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 4 > n:
+                return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker in _JPEG_SOF:
+            return i if i + 10 <= n else None
+        if marker == 0xDA:  # scan data before any frame header: not a valid JPEG
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def image_mode(data: bytes) -> Optional[str]:
     """The image's mode, read from its header without decoding, or None when the header does not
     say (the decoders then decide).  Names are Pillow's, except that 16-bit colour PNGs (which
@@ -305,25 +358,8 @@ def image_mode(data: bytes) -> Optional[str]:
     """
     n = len(data)
     if data[:3] == b"\xff\xd8\xff":
-        i = 2
-        while i + 4 <= n:
-            if data[i] != 0xFF:  # stray bytes between segments: decoders skip them, so do we
-                i = data.find(b"\xff", i)
-                if i < 0 or i + 4 > n:
-                    return None
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
-                i += 2
-                continue
-            if marker in _JPEG_SOF:
-                return {1: "L", 3: "RGB", 4: "CMYK"}.get(data[i + 9]) if i + 10 <= n else None
-            if marker == 0xDA:  # scan data before any frame header: not a valid JPEG
-                return None
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        return None
+        i = _jpeg_frame(data)
+        return None if i is None else {1: "L", 3: "RGB", 4: "CMYK"}.get(data[i + 9])
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and n >= 26:
         depth, colour = data[24], data[25]
         mode = _PNG_MODES.get(colour)
@@ -343,6 +379,42 @@ def image_mode(data: bytes) -> Optional[str]:
         if chunk == b"VP8 ":
             return "RGB"
     return None
+
+
+def image_dimensions(data: bytes) -> Optional[tuple[int, int]]:
+    """``(width, height)`` of the image, read from its header without decoding, or None when the
+    header does not say (an unknown format, a damaged header, or a size of 0).
+
+    JPEG: the start-of-frame segment (as stored: an EXIF orientation is not applied, as neither
+    Pillow's ``open`` nor the loader's DALI decoder applies it).  PNG: IHDR.  WebP: the ``VP8 ``
+    key frame header (lossy), the ``VP8L`` header (lossless) or the ``VP8X`` canvas (extended).
+    """
+    n = len(data)
+    w = h = 0
+    if data[:3] == b"\xff\xd8\xff":
+        i = _jpeg_frame(data)
+        if i is None:
+            return None
+        h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+    elif data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and n >= 24:
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP" and n >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8 ":  # frame tag (3 bytes, bit 0 clear on a key frame), start code, sizes
+            if data[20] & 1 or data[23:26] != b"\x9d\x01\x2a":
+                return None
+            w = int.from_bytes(data[26:28], "little") & 0x3FFF
+            h = int.from_bytes(data[28:30], "little") & 0x3FFF
+        elif chunk == b"VP8L":  # signature 0x2f, then 14 bits width - 1, 14 bits height - 1
+            if data[20] != 0x2F:
+                return None
+            bits = int.from_bytes(data[21:25], "little")
+            w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        elif chunk == b"VP8X":  # canvas width - 1, height - 1: 24 bits each
+            w, h = int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if w <= 0 or h <= 0:
+        return None
+    return w, h
 
 
 def _caption_of(members: dict) -> tuple[Optional[str], Optional[str], Optional[dict]]:
@@ -554,9 +626,16 @@ class ShardSource:
             return self.split
         return "shard" if len(self.urls) >= slots else "sample"
 
-    def iter(self, epoch: int = 0, slot: int = 0, slots: int = 1,
-             stats: Optional[DataStats] = None) -> Iterator[Sample]:
-        """Good samples for ``slot`` of ``slots`` in ``epoch``; skips are counted in ``stats``."""
+    def iter(self, epoch: int = 0, slot: int = 0, slots: int = 1, stats: Optional[DataStats] = None,
+             start: int = 0) -> Iterator[Sample]:
+        """Good samples for ``slot`` of ``slots`` in ``epoch``; skips are counted in ``stats``.
+
+        ``start``: leave out the stream's first ``start`` samples (to resume inside an epoch).
+        They are read and checked as usual (so what the reader skips among them is counted again)
+        but never decoded; the samples after them are those of the whole stream, in its order.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         stats = stats if stats is not None else DataStats()
         rng = random.Random(f"fastclip-samples-{self.seed}-{epoch}-{slot}-{slots}")
         if self.resampled:
@@ -565,7 +644,8 @@ class ShardSource:
             samples = self._one_pass(epoch, slot, slots, stats)
         if self.samples is not None:
             samples = _take(samples, self.samples)
-        return _shuffle_buffer(samples, self.shuffle, rng)
+        samples = _shuffle_buffer(samples, self.shuffle, rng)
+        return itertools.islice(samples, start, None) if start else samples
 
     def _one_pass(self, epoch: int, slot: int, slots: int, stats: DataStats) -> Iterator[Sample]:
         order = list(range(len(self.urls)))

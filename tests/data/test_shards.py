@@ -11,6 +11,7 @@ from fastclip.data.shards import (
     ShardSource,
     ShardWriter,
     check_image_bytes,
+    image_dimensions,
     image_mode,
     expand_shards,
     iter_shard,
@@ -182,3 +183,55 @@ def test_image_mode_from_the_header():
     assert image_mode(b"\xff\xd8\xff\xe0" + bytes(range(256)) + b"\xff\xd9") is None  # no frame header
     assert image_mode(b"not an image") is None
     assert image_mode(encode(rgb, "JPEG")[:20]) is None  # cut before the frame header
+
+
+def test_image_dimensions_from_the_header():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ._build import encode, odd_mode_images
+    for name, (data, _, _) in odd_mode_images().items():  # JPEG (L, CMYK), PNG (all kinds), WebP (VP8L)
+        assert image_dimensions(data) == Image.open(io.BytesIO(data)).size == (24, 20), name
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    for fmt, kw in [("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("WEBP", {"quality": 80}),
+                    ("WEBP", {"lossless": True}), ("WEBP", {"exif": b"Exif\0\0II*\0"})]:
+        data = encode(img, fmt, **kw)
+        assert image_dimensions(data) == (53, 37), (fmt, kw)
+    assert image_dimensions(encode(img, "WEBP", exif=b"Exif\0\0II*\0"))[0] == 53  # the VP8X canvas
+    gray = encode(Image.new("L", (9, 7), 100), "JPEG")
+    assert image_dimensions(gray[:20] + b"\x00\x00" + gray[20:]) == (9, 7)  # stray bytes skipped
+    assert image_dimensions(b"\xff\xd8\xff\xe0" + bytes(range(256)) + b"\xff\xd9") is None
+    assert image_dimensions(b"not an image") is None
+    assert image_dimensions(gray[:20]) is None  # cut before the frame header
+    zero = bytearray(encode(img, "PNG"))
+    zero[16:20] = b"\0\0\0\0"
+    assert image_dimensions(bytes(zero)) is None  # a size of 0 is no size
+
+
+@pytest.mark.parametrize("shuffle,resampled", [(0, False), (7, False), (5, True)])
+def test_start_leaves_out_the_head_of_the_same_stream(tmp_path, shuffle, resampled):
+    pattern, _, _ = _bad_set(tmp_path)
+    src = ShardSource(pattern, shuffle=shuffle, seed=2, resampled=resampled,
+                      samples=20 if resampled else None)
+    whole, rest = DataStats(warn=False), DataStats(warn=False)
+    keys = [s.uid for s in src.iter(1, 0, 1, whole)]
+    assert [s.uid for s in src.iter(1, 0, 1, rest, start=5)] == keys[5:]
+    assert rest.as_dict() == whole.as_dict()  # the head is read again, its skips counted again
+    assert list(src.iter(1, 0, 1, DataStats(warn=False), start=len(keys) + 3)) == []
+    with pytest.raises(ValueError, match="start must be >= 0, got -1"):
+        src.iter(1, 0, 1, start=-1)
+
+
+def test_stats_state_round_trip():
+    import pickle
+    stats = DataStats(warn=False)
+    stats.add_delivered(7)
+    stats.skip("corrupt_image", "a:1")
+    stats.skip("missing_shard", "b")
+    stats.note("converted:P", 2)
+    state = pickle.loads(pickle.dumps(stats.state_dict()))
+    again = DataStats.from_state(state)
+    assert again.as_dict() == stats.as_dict() and again.examples == stats.examples
+    assert again.total_skipped == 1
