@@ -192,6 +192,12 @@ class VisionTransformer(nn.Module):
         return 1 + (num_kept(n, r) if r > 0 else n)
 
     def forward(self, images: torch.Tensor, *, mask_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        pooled = self.forward_features(images, mask_generator=mask_generator)
+        return pooled @ self.proj.to(pooled.dtype)
+
+    def forward_features(self, images: torch.Tensor, *,
+                         mask_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The pooled class token before the projection, [B, width] (SLIP's head reads it)."""
         check_images(images, self.image_size)
         x = self.conv1(images)                                   # [B, W, gh, gw]
         x = x.flatten(2).transpose(1, 2)                         # [B, N, W]
@@ -200,8 +206,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_mask(x, generator=mask_generator)         # [B, 1 + K, W] while training
         x = self.ln_pre(x)
         x = self.transformer(x)
-        pooled = self.ln_post(x[:, 0])
-        return pooled @ self.proj.to(pooled.dtype)
+        return self.ln_post(x[:, 0])
 
 
 # ----------------------------------------------------------------------------------------------

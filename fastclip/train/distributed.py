@@ -1,0 +1,105 @@
+"""torchrun / torch.distributed plumbing for the trainer.
+
+``torchrun --nproc_per_node=P -m fastclip.cli train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+:func:`init_distributed` then joins the process group (NCCL with CUDA, gloo on CPU).  Without those
+variables training runs in one process.  The loss across ranks is fastclip's distributed loss
+(``fastclip.ClipLoss(rank=, world_size=)``); the model's gradients are averaged by DDP.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "all_gather_with_grad", "agree", "gather_objects", "barrier",
+           "shutdown"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+    group: Any = None
+    owned: bool = False  # this module initialised the process group (and so destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes; one process without ``WORLD_SIZE`` > 1."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                        dist.get_backend())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), backend,
+                    owned=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.owned and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns this
+    rank's rows (works on gloo, which has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rows = (dist.get_rank(group) * x.shape[0], x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start, n = ctx.rows
+        return grad[start:start + n], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[n, ...] on every rank -> [world * n, ...] in rank order, differentiable (every rank must pass
+    the same n)."""
+    return _GatherWithGrad.apply(x, group)
+
+
+def agree(flags: list, info: DistInfo) -> list:
+    """Rank 0's values of ``flags`` (bools) on every rank: decisions taken on the clock (stop at a time
+    limit, checkpoint every M minutes) must be the same everywhere."""
+    if info.world_size <= 1:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64)
+    dist.broadcast(t, 0, group=info.group)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if info.world_size <= 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.group)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier(group=info.group)

@@ -1,0 +1,168 @@
+"""End to end: a real (tiny) training run, its outputs, bad input refused before work, NaN handling,
+and resumption that reproduces the uninterrupted run bit for bit (CPU, fp32)."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastclip.train import CheckpointError, ConfigError, TrainConfig, Trainer, TrainingDiverged, train
+from fastclip.train.metrics import read_metrics
+
+from ._tiny import tiny_model_cfg
+
+
+def _cfg(shapes, out, **sections):
+    d = {"output_dir": str(out), "model": tiny_model_cfg(),
+         "data": {"train": shapes["train"], "batch_size": 32, "backend": "pil", "shuffle": 64},
+         "optim": {"lr": 2e-3, "warmup": 2}, "budget": {"steps": 8},
+         "log": {"every_steps": 1, "progress": False, "plot": False},
+         "checkpoint": {"every_steps": 4, "every_minutes": 0, "keep": 5}}
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            d.setdefault(k, {}).update(v)
+        else:
+            d[k] = v
+    return TrainConfig.from_dict(d)
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_a_run_writes_its_outputs_and_evaluates(shapes, tmp_path):
+    cfg = _cfg(shapes, tmp_path / "run", eval={"zero_shot": shapes["zero_shot"], "retrieval": shapes["retrieval"],
+                                              "every_steps": 4}, log={"plot": True})
+    summary = train(cfg)
+    out = str(tmp_path / "run")
+    assert summary["steps"] == 8 and summary["budget_used"]["samples"] == 256
+    assert summary["budget_used"]["gflops"] == pytest.approx(8 * 32 * summary["train_gflops_per_sample"]["0.0"])
+    for name in ("metrics.jsonl", "summary.json", "config.yaml", "curves.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert 0 <= evals[-1]["zero_shot/top1"] <= 1 and "retrieval/text_to_image_R@10" in evals[-1]
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(1, 9))
+    assert all(r["data/delivered"] >= 0 for r in train_recs)
+    assert train_recs[0]["lr"] == pytest.approx(1e-3)  # warm-up 1/2
+    assert TrainConfig.from_file(os.path.join(out, "config.yaml")) == cfg
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-00000004.pt", "step-00000008.pt"]
+    # the checkpoint's weights load into a fresh model (open_clip's layout under "state_dict")
+    from fastclip.models import create_model, load_checkpoint
+    model = create_model("ViT-Ti-16", image_size=32, **cfg.model.overrides)
+    load_checkpoint(model, os.path.join(out, "checkpoints", "step-00000008.pt"))
+
+
+@pytest.mark.parametrize("strategy", ["flip", "slip", "clip_aug", "flip+clip_aug"])
+def test_strategies_train(shapes, tmp_path, strategy):
+    cfg = _cfg(shapes, tmp_path / strategy, strategy={"name": strategy, "mask_ratio": 0.5, "unmasked_fraction": 0.25},
+               budget={"steps": 4}, checkpoint={"every_steps": 0})
+    summary = train(cfg)
+    recs = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    if strategy.startswith("flip"):
+        assert [r["mask_ratio"] for r in recs] == [0.5, 0.5, 0.5, 0.0]  # the unmasked last quarter, same run
+    if strategy == "slip":
+        assert all("loss/ssl" in r for r in recs)
+
+
+def test_accumulation_trains(shapes, tmp_path):
+    summary = train(_cfg(shapes, tmp_path / "acc", data={"accum_steps": 4}, budget={"steps": 2},
+                         checkpoint={"every_steps": 0}))
+    assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("section,values,match", [
+    ("model", {"name": "ViT-Q-16"}, "unknown model name 'ViT-Q-16'"),
+    ("strategy", {"name": "flip+dino"}, "unknown strategy 'dino'"),
+    ("data", {"train": "/nonexistent/shard-{0..3}.tar"}, "matches no shard file"),
+    ("budget", {"steps": None, "gflops": 0.01}, "smaller than one step"),
+    ("data", {"batch_size": 30, "accum_steps": 4}, "must divide evenly"),
+    ("eval", {"zero_shot": "/nonexistent/x.tar"}, "eval.zero_shot"),
+])
+def test_bad_config_fails_before_any_work(shapes, tmp_path, section, values, match):
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=match):
+        Trainer(_cfg(shapes, out, **{section: values}))
+    assert not out.exists()  # nothing was written
+
+
+def test_evaluation_set_without_labels_is_refused(shapes, tmp_path):
+    from fastclip.data import ShardWriter
+    path = str(tmp_path / "nolabels-%05d.tar")
+    with ShardWriter(path, 100) as w:
+        from fastclip.data import ShardSource, DataStats
+        for s in ShardSource(shapes["retrieval"], shuffle=0).iter(0, 0, 1, DataStats(warn=False)):
+            w.write(s.key, {"jpg": s.image, "txt": s.caption})
+    with pytest.raises(ConfigError, match="has no labels"):
+        Trainer(_cfg(shapes, tmp_path / "x", eval={"zero_shot": str(tmp_path / "nolabels-00000.tar")}))
+
+
+def test_flip_on_a_resnet_is_refused(shapes, tmp_path):
+    cfg = _cfg(shapes, tmp_path / "rn", strategy={"name": "flip"})
+    cfg.model.name, cfg.model.overrides = "RN50", {}
+    with pytest.raises(ConfigError, match="ViT image tower"):
+        Trainer(cfg)
+
+
+def test_nan_loss_stops_naming_the_last_good_checkpoint(shapes, tmp_path):
+    cfg = _cfg(shapes, tmp_path / "nan", optim={"lr": 1e4, "warmup": 0, "max_logit_scale": 1e30},
+               budget={"steps": 40}, checkpoint={"every_steps": 1})
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ .*step-\d{8}\.pt"):
+        train(cfg)
+
+
+def test_nan_loss_can_be_skipped(shapes, tmp_path, monkeypatch):
+    from fastclip.train import strategies
+    calls = {"n": 0}
+    original = strategies.Contrastive.losses
+
+    def sometimes_nan(self, ctx, feats, out):
+        original(self, ctx, feats, out)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["contrastive"] = out["contrastive"] * float("nan")
+    monkeypatch.setattr(strategies.Contrastive, "losses", sometimes_nan)
+    summary = train(_cfg(shapes, tmp_path / "skip", on_nan="skip", budget={"steps": 4},
+                         checkpoint={"every_steps": 0}))
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+@pytest.mark.parametrize("strategy", ["clip", "flip"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(shapes, tmp_path, backend, strategy):
+    """8 steps straight vs 4 steps, a new Trainer, resume from step 4: same losses, bit for bit."""
+    pytest.importorskip("nvidia.dali") if backend == "dali" else None
+    # 640 samples / batch 32 = 20 batches per epoch; budget 26 crosses an epoch boundary
+    straight = _cfg(shapes, tmp_path / "a", data={"backend": backend}, strategy={"name": strategy},
+                    budget={"steps": 26}, checkpoint={"every_steps": 13})
+    train(straight)
+    first = _cfg(shapes, tmp_path / "b", data={"backend": backend}, strategy={"name": strategy},
+                 budget={"steps": 26}, checkpoint={"every_steps": 13})
+    t = Trainer(first)
+    t.budget.limits.steps = 13  # stop early, as a crash after the checkpoint would
+    t.run()
+    resumed = train(_cfg(shapes, tmp_path / "b", data={"backend": backend}, strategy={"name": strategy},
+                         budget={"steps": 26}, checkpoint={"every_steps": 13}), resume="latest")
+    assert resumed["steps"] == 26
+    a, b = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))
+    assert [s for s, _ in b] == list(range(1, 27))
+    assert a == b  # exact floats
+    pa = torch.load(str(tmp_path / "a" / "checkpoints" / "step-00000026.pt"), weights_only=False)["state_dict"]
+    pb = torch.load(str(tmp_path / "b" / "checkpoints" / "step-00000026.pt"), weights_only=False)["state_dict"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_resume_refuses_an_incompatible_config(shapes, tmp_path):
+    train(_cfg(shapes, tmp_path / "c", budget={"steps": 4}))
+    with pytest.raises(CheckpointError, match=r"optim\.lr: checkpoint 0\.002, now 0\.001"):
+        Trainer(_cfg(shapes, tmp_path / "c", optim={"lr": 1e-3}), resume="latest")
+    with pytest.raises(CheckpointError, match="another model|model.overrides"):
+        Trainer(_cfg(shapes, tmp_path / "c", model=tiny_model_cfg(vision_layers=1)), resume="latest")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(_cfg(shapes, tmp_path / "empty"), resume="latest")
+    # a longer budget is a compatible change (continue training)
+    more = train(_cfg(shapes, tmp_path / "c", budget={"steps": 6}), resume="latest")
+    assert more["steps"] == 6
