@@ -73,7 +73,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config._fastclip_bench = {"skipped": [], "rates": {}, "memory_check": None}
     out = config.getoption("benchmark_json", None)
-    if out is not None:  # so that --benchmark-json=benchmarks/results/<name>.json works on a fresh checkout
+    # so that --benchmark-json=benchmarks/results/<name>.json works on a fresh checkout (newer
+    # pytest-benchmark releases hand over an already opened file, whose directory exists)
+    if isinstance(out, (str, os.PathLike)):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
 

@@ -20,13 +20,19 @@ The JSON is the raw record.  This script only reads it, and writes ``<stem>.md``
   ``speed_vs_open_clip``): the target records (FLIP speed-ups against the unmasked step, the
   ViT-B-32 step against open_clip), a config x (image mask ratio, text) table of samples/s,
   forward GFLOPs per sample and × floor per provider, and every record in full;
+* training (``test_train_bench.py``, extra_info ``suite == "train"``): the targets (fastclip's CLIP
+  step against open_clip's, FLIP 0.5 against CLIP, interleaved rounds), then per device a model x
+  strategy table of the optimiser step: median and IQR, samples/s, the strategy's training GFLOPs
+  per sample (counted, and as run with the text padding cut), achieved GFLOP/s and its share of the
+  matmul rate, the step with ``ClipLoader`` against in-memory batches (target <= 1.1x), peak extra
+  memory; then FLIP's throughput over CLIP from those cases;
 * distributed loss (``test_distributed_bench.py``, which writes its own JSON with
   ``"benchmark": "distributed_loss"``, not pytest-benchmark's): step time, peak extra memory per
   rank and the fastclip / open_clip ratios against the target.
 
 Each says what machine it ran on and warns when the run was made in quick mode.  The attention
 and encoder tables use each result's recorded floor (the matmul rate measured at the start of
-the run), as the suites record it.
+the run), as the suites record it; so do the training tables.
 
 Loss records (``test_loss_bench.py``) go to ``<stem>.md`` too, or to ``<stem>-loss.md`` when the
 JSON also holds one of the kinds above (a JSON from the whole ``pytest benchmarks/``).  Per (loss,
@@ -675,6 +681,175 @@ def encoder_tables(raw: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training-step records (test_train_bench.py)
+# ----------------------------------------------------------------------------------------------
+TRAIN_STRATEGIES = ("clip", "flip0.5", "flip0.75", "slip", "clip_aug")
+TRAIN_STEP_NAMES = {"fastclip_clip": "fastclip CLIP", "fastclip_flip0.5": "fastclip FLIP, mask 0.5",
+                    "open_clip_clip": "open_clip + `open_clip.loss.ClipLoss`"}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def _train_target(e: dict) -> list[str]:
+    """test_train_targets: fastclip CLIP, FLIP 0.5 and open_clip, interleaved rounds."""
+    steps, targets = e.get("steps") or {}, e.get("targets") or {}
+    out = [(f"**{e['model']} at {e['image_size']} px, batch {e['batch']}, {e['device']} {e['dtype']}**: one "
+            f"optimiser step each, captions of {e.get('caption_tokens')} tokens, the same starting weights, "
+            f"median of {e['rounds']} interleaved rounds ({e.get('machine', '')})")
+           + (QUICK_NOTE if e.get("quick") else ""), "",
+           "| step | median | IQR | samples/s | achieved GFLOP/s (counted / run) | % of matmul rate (counted / run) |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for key, name in TRAIN_STEP_NAMES.items():
+        s = steps.get(key)
+        if s is None:
+            continue
+        if key == "open_clip_clip" and e.get("open_clip_version"):
+            name = name.replace("open_clip ", f"open_clip {e['open_clip_version']} ", 1)
+        out.append(f"| {name} | {_t(s['median_s'])} | {_t(s.get('iqr_s'))} | {s['samples_per_s']:.2f} | "
+                   f"{s['achieved_gflops']:.1f} / {s['achieved_gflops_run']:.1f} | "
+                   f"{_pct(s.get('fraction_of_matmul_rate'))} / {_pct(s.get('fraction_of_matmul_rate_run'))} |")
+    met = e.get("meets_target") or {}
+
+    def met_of(prefix):
+        return next((v for k, v in met.items() if k.startswith(prefix)), None)
+    out += ["", "| comparison (throughput ratio) | measured | FLOP ratio (counted / run) | target | met |",
+            "|---|---:|---:|---:|---|",
+            (f"| FLIP 0.5 / CLIP | {e['flip0.5_vs_clip']:.2f}× | {e['flip0.5_vs_clip_flop_ratio']:.2f}× / "
+             f"{e['flip0.5_vs_clip_flop_ratio_run']:.2f}× | ≥ {_f(targets.get('flip0.5_vs_clip'), 'g')}× | "
+             f"{_yes(met_of('flip0.5'))} |")]
+    if e.get("vs_open_clip") is not None:
+        out.append(f"| fastclip CLIP / open_clip CLIP | {e['vs_open_clip']:.2f}× | — | "
+                   f"≥ {_f(targets.get('vs_open_clip'), 'g')}× | {_yes(met_of('fastclip / open_clip'))} |")
+    else:
+        out.append(f"| fastclip CLIP / open_clip CLIP | not run: {e.get('open_clip_skipped', '?')} | | | |")
+    out += ["", ("Counted FLOPs: the strategy's `flops(config, mask_ratio)` (3x the forward, text at 77 tokens); "
+                 "run: the text tower at the captions' length, as fastclip runs it (open_clip runs all 77).  "
+                 "% of matmul rate: achieved GFLOP/s over the dense matmul rate measured in the same run."), ""]
+    return out
+
+
+def _train_cell_loader(e: dict) -> tuple:
+    ld = e.get("loader") or {}
+    if "samples_per_s" not in ld:
+        return "—", "—", ""
+    return f"{ld['samples_per_s']:.1f}", f"{e['loader_time_ratio']:.2f}×", _yes(e.get("loader_meets_target"))
+
+
+def _train_steps(steps: list[dict], skips: list[dict]) -> list[str]:
+    """test_train_step: per (device, dtype) a model x strategy table, then the FLIP ratios."""
+    out = []
+    image0 = {}
+    for e in steps:
+        image0.setdefault(e["model"], e["train_gflops_per_sample"])
+
+    def case_key(e):
+        return (_config_key(e["model"], image0.get(e["model"], math.inf)), e["image_size"], e["batch"],
+                _order(e["strategy"], TRAIN_STRATEGIES), e["strategy"])
+    for dev, dt in sorted({(e["device"], e["dtype"]) for e in steps}, key=lambda k: (k[0] != "cpu", k)):
+        mine = sorted((e for e in steps if (e["device"], e["dtype"]) == (dev, dt)), key=case_key)
+        first = mine[0]
+        rates = " and ".join(sorted({f"{e['matmul_gflops']:.1f}" for e in mine if e.get("matmul_gflops")}))
+        ld = next((e["loader"] for e in mine if "samples_per_s" in (e.get("loader") or {})), None)
+        loader_text = ""
+        if ld:
+            loader_text = (f"  With the loader: `fastclip.data.ClipLoader` ({ld.get('backend')} backend, "
+                           f"{ld.get('num_threads')} threads, prefetch {ld.get('prefetch')}, shuffle buffer "
+                           f"{ld.get('shuffle')}, `drop_last`, the strategy's augmentation) over the "
+                           f"built-in dataset at the same size ({ld.get('images')} images), in blocks interleaved "
+                           f"with the in-memory rounds, each block's first {ld.get('fill_steps_per_block')} "
+                           f"step(s) dropped (the pipeline filling); loader / in-memory is the ratio of median "
+                           f"step times (target ≤ 1.1×).")
+        out += [(f"**{dev} {dt}**: one optimiser step (forward, backward, AdamW) on in-memory batches "
+                 f"({first.get('machine', '')}, {first.get('torch_threads')} torch threads)"
+                 + (QUICK_NOTE if any(e.get("quick") for e in mine) else "")
+                 + f"; dense matmul rate {rates} GFLOP/s ({first.get('matmul_shape', '?')}, measured at the "
+                 "start of the run)." + loader_text), "",
+                ("| model | px | strategy | batch | median step | IQR | rounds | samples/s | train GFLOPs/sample "
+                 "(counted / run) | achieved GFLOP/s (counted / run) | % of matmul rate (counted / run) | with loader: "
+                 "samples/s | loader / in-memory | ≤ 1.1× | peak extra MB |"),
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for e in mine:
+            m = e["memory"]
+            lsps, lratio, lmet = _train_cell_loader(e)
+            peak = _f(e.get("peak_extra_mb"), ".0f")
+            if e.get("peak_extra_mb") is not None and e.get("peak_includes_optimizer_state"):
+                peak += "*"
+            out.append(f"| {e['model']} | {e['image_size']} | {e['strategy']} | {e['batch']} | "
+                       f"{_t(m['median_s'])} | {_t(m.get('iqr_s'))} | {m['rounds']} | {m['samples_per_s']:.1f} | "
+                       f"{e['train_gflops_per_sample']:.2f} / {e['train_gflops_per_sample_run']:.2f} | "
+                       f"{m['achieved_gflops']:.1f} / {m['achieved_gflops_run']:.1f} | "
+                       f"{_pct(m.get('fraction_of_matmul_rate'))} / {_pct(m.get('fraction_of_matmul_rate_run'))} | "
+                       f"{lsps} | {lratio} | {lmet} | {peak} |")
+        out.append("")
+        if any(e.get("peak_includes_optimizer_state") for e in mine):
+            out += ["\\* measured on the first step, which also allocates AdamW's state.", ""]
+        bad = [e for e in mine if e.get("nonfinite_steps")]
+        out += [f"- {e['model']} {e['image_size']} px {e['strategy']}: {e['nonfinite_steps']} step(s) with a "
+                "non-finite loss (skipped, as the trainer's on_nan=skip)" for e in bad]
+        # FLIP over CLIP from the cases above (separate cases, not interleaved: the target test's
+        # interleaved rounds are the fairer measurement).
+        groups = defaultdict(dict)
+        for e in mine:
+            groups[(e["model"], e["image_size"], e["batch"])][e["strategy"]] = e
+        flips = [s for s in TRAIN_STRATEGIES if s.startswith("flip")]
+        rows = []
+        for (model, px, batch), by in groups.items():
+            base = by.get("clip")
+            if base is None or not any(f in by for f in flips):
+                continue
+            cells = []
+            for f in flips:
+                e = by.get(f)
+                cells.append("—" if e is None else
+                             f"{base['memory']['median_s'] / e['memory']['median_s']:.2f}× "
+                             f"({base['train_gflops_per_sample_run'] / e['train_gflops_per_sample_run']:.2f}×)")
+            rows.append(f"| {model} | {px} | {batch} | " + " | ".join(cells) + " |")
+        if rows:
+            out += [("FLIP throughput over CLIP from the cases above (separate cases; the targets above "
+                     "interleave them); in brackets the ratio of the FLOPs run:"), "",
+                    "| model | px | batch | " + " | ".join(f"{f} / clip" for f in flips) + " |",
+                    "|---|---:|---:|" + "---:|" * len(flips)] + rows + [""]
+    shown = {e["device"] for e in steps}
+    out += _skip_counts(skips, lambda p: p.get("device") in shown)
+    out += [f"- {s['nodeid'].split('::')[-1]} not run: {s.get('reason', '')}" for s in skips
+            if _params(s).get("device") in shown]
+    return out
+
+
+def train_tables(raw: dict) -> list[str]:
+    """Markdown for the ``test_train_step`` and ``test_train_targets`` records of a training-bench JSON
+    (empty when it has none): the targets, then a model x strategy table per device."""
+    steps, targets = [], []
+    for b in raw.get("benchmarks", []):
+        e = b.get("extra_info") or {}
+        if e.get("suite") != "train":
+            continue
+        if e.get("kind") == "train_step" and "memory" in e:
+            steps.append(e)
+        elif e.get("kind") == "train_targets" and "steps" in e:
+            targets.append(e)
+    step_skips = _skips(raw, "test_train_step")
+    target_skips = _skips(raw, "test_train_targets")
+    if not steps and not targets:
+        return []
+    out = []
+    if targets or target_skips:
+        out += ["### Targets (interleaved rounds in one run)", ""]
+        for e in sorted(targets, key=lambda e: e["device"] != "cpu"):
+            out += _train_target(e)
+        out += [f"- `{s['nodeid'].split('::')[-1]}` not run: {s.get('reason', '')}" for s in target_skips]
+        if target_skips:
+            out.append("")
+    if steps:
+        out += ["### Training step per model and strategy", ""] + _train_steps(steps, step_skips)
+    while out and out[-1] == "":
+        out.pop()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Distributed loss records (test_distributed_bench.py; its own JSON, not pytest-benchmark's)
 # ----------------------------------------------------------------------------------------------
 DIST_PROVIDERS = {"fastclip_lean": "fastclip `ClipLoss(rank, world_size)`, lean (default)",
@@ -794,7 +969,7 @@ def plot(rep, out_dir: str, stem: str) -> list[str]:
 
 
 SUITE_TITLES = {"Data pipeline": "Data-pipeline", "Attention": "Attention", "Encoders": "Encoder",
-                "Distributed loss": "Distributed-loss"}
+                "Training": "Training", "Distributed loss": "Distributed-loss"}
 
 
 def main(argv=None) -> int:
@@ -813,7 +988,8 @@ def main(argv=None) -> int:
     raw = rep["raw"]
     suites = [(title, lines) for title, lines in (
         ("Data pipeline", data_tables(raw)), ("Attention", attention_tables(raw)),
-        ("Encoders", encoder_tables(raw)), ("Distributed loss", distributed_tables(raw))) if lines]
+        ("Encoders", encoder_tables(raw)), ("Training", train_tables(raw)),
+        ("Distributed loss", distributed_tables(raw))) if lines]
     if suites:
         if [t for t, _ in suites] == ["Data pipeline"]:
             body = [f"# Data-pipeline benchmarks: {src}", ""] + suites[0][1]
@@ -821,8 +997,8 @@ def main(argv=None) -> int:
             title = f"{SUITE_TITLES[suites[0][0]]} benchmarks" if len(suites) == 1 else "Benchmarks"
             body = [f"# {title}: {src}", ""]
             if raw.get("machine_info", {}).get("fastclip") and any(
-                    t in ("Attention", "Encoders") for t, _ in suites):
-                # The attention and encoder tables use each result's recorded floor (the start rate).
+                    t in ("Attention", "Encoders", "Training") for t, _ in suites):
+                # The attention, encoder and training tables use each result's recorded rate (the start one).
                 cuda = any((b.get("extra_info") or {}).get("device") == "cuda"
                            for b in raw.get("benchmarks", []))
                 body += ["## Machine", ""] + machine_lines(rep, floors="recorded", cuda=cuda) + [""]
@@ -837,7 +1013,7 @@ def main(argv=None) -> int:
             print("\n\n".join("\n".join(lines) for _, lines in suites))
     if not rep["rows"]:
         if not suites:
-            print(f"{args.json}: no loss, data, attention, encoder or distributed benchmark results in it",
+            print(f"{args.json}: no loss, data, attention, encoder, training or distributed benchmark results in it",
                   file=sys.stderr)
             return 1
         return 0

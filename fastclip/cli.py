@@ -79,6 +79,8 @@ def _add_data_commands(sub) -> None:
                    help="fraction of captions corrupted or mismatched (0 = all captions correct)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-objects", type=int, default=2, choices=(1, 2), help="objects per scene (at most)")
+    p.add_argument("--caption-detail", type=float, default=0.5,
+                   help="probability that a caption says each object's size and the background (1 = always)")
     p = sub.add_parser("filter", help="score pairs with a fastclip model, keep the top k%%, write new shards")
     p.add_argument("shards", help="shard pattern, e.g. 'data/shard-{00000..00009}.tar', or a directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -106,7 +108,7 @@ def _run_data_command(args, parser) -> bool:
         from .data.synthetic import make_shapes_dataset
         try:
             meta = make_shapes_dataset(args.out, args.samples, args.image_size, args.seed, args.caption_noise,
-                                       args.samples_per_shard, args.max_objects)
+                                       args.samples_per_shard, args.max_objects, caption_detail=args.caption_detail)
         except ValueError as exc:
             parser.error(str(exc))
         print(f"wrote {meta['num_samples']} samples ({meta['num_corrupted']} corrupted captions) to "

@@ -54,7 +54,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..ops import dispatch

@@ -33,7 +33,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), "yellow": (235, 215, 30),
           "purple": (140, 50, 170), "orange": (245, 140, 20)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-SIZES = {"small": 0.24, "large": 0.42}
+SIZES = {"small": 0.36, "large": 0.56}  # of the image side: large enough that shapes differ at 32 px
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 CLASSNAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 # Zero-shot prompts in the captions' own words: a single-object caption reads "a small red circle
@@ -71,21 +71,34 @@ def sample_scene(rng: random.Random, max_objects: int = 2) -> dict:
     return scene
 
 
-def describe(scene: dict) -> str:
-    def one(o):
-        return f"a {o['size']} {o['color']} {o['shape']}"
+def describe(scene: dict, detail: Optional[tuple] = None) -> str:
+    """The caption of ``scene``.  ``detail``: which optional words to say, as (size of each object...,
+    background) booleans (see :func:`draw_detail`); None says everything."""
     objs = scene["objects"]
-    text = one(objs[0]) if len(objs) == 1 else f"{one(objs[0])} {scene['relation']} {one(objs[1])}"
-    return f"{text} on a {scene['background']} background"
+    say = detail if detail is not None else (True,) * (len(objs) + 1)
+
+    def one(o, with_size):
+        return f"a {o['size']} {o['color']} {o['shape']}" if with_size else f"a {o['color']} {o['shape']}"
+    text = one(objs[0], say[0]) if len(objs) == 1 else \
+        f"{one(objs[0], say[0])} {scene['relation']} {one(objs[1], say[1])}"
+    return f"{text} on a {scene['background']} background" if say[-1] else text
 
 
-def _corrupt(caption: str, scene: dict, rng: random.Random, max_objects: int) -> tuple[str, str]:
+def draw_detail(scene: dict, rng: random.Random, caption_detail: float) -> tuple:
+    """Which optional words a caption says: each object's size and the background, each with
+    probability ``caption_detail`` (colour, shape and the relation are always said)."""
+    return tuple(rng.random() < caption_detail for _ in range(len(scene["objects"]) + 1))
+
+
+def _corrupt(caption: str, scene: dict, rng: random.Random, max_objects: int, detail: tuple) -> tuple[str, str]:
     kind = rng.choice(CORRUPTIONS)
     if kind == "mismatch":
         other = sample_scene(rng, max_objects)
-        while describe(other) == caption:
+        other_detail = detail[:1] * len(other["objects"]) + detail[-1:]
+        while describe(other, other_detail) == caption:
             other = sample_scene(rng, max_objects)
-        return describe(other), kind
+            other_detail = detail[:1] * len(other["objects"]) + detail[-1:]
+        return describe(other, other_detail), kind
     if kind == "attribute":
         wrong = dict(scene, objects=[dict(o) for o in scene["objects"]])
         obj = wrong["objects"][0]
@@ -93,7 +106,7 @@ def _corrupt(caption: str, scene: dict, rng: random.Random, max_objects: int) ->
             obj["color"] = rng.choice([c for c in COLORS if c != obj["color"]])
         else:
             obj["shape"] = rng.choice([s for s in SHAPES if s != obj["shape"]])
-        return describe(wrong), kind
+        return describe(wrong, detail), kind
     if kind == "shuffle":
         words = caption.split()
         for _ in range(10):
@@ -142,7 +155,7 @@ def render_scene(scene: dict, image_size: int = 64, rng: Optional[random.Random]
 
 def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int = 64, seed: int = 0,
                         caption_noise: float = 0.0, samples_per_shard: int = 1000, max_objects: int = 2,
-                        jpeg_quality: int = 90, prefix: str = "shard") -> dict:
+                        jpeg_quality: int = 90, prefix: str = "shard", caption_detail: float = 0.5) -> dict:
     """Write ``num_samples`` rendered, captioned scenes as webdataset shards under ``out_dir``.
 
     Returns (and writes to ``out_dir/meta.json``) the metadata: knobs, the brace pattern of the
@@ -160,6 +173,8 @@ def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int 
         raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not 0.0 <= caption_detail <= 1.0:
+        raise ValueError(f"caption_detail must be a probability in [0, 1], got {caption_detail}")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     n_shards = (num_samples + samples_per_shard - 1) // samples_per_shard
@@ -170,10 +185,12 @@ def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int 
         for i in range(num_samples):
             rng = random.Random(f"fastclip-shapes-{seed}-{i}")
             scene = sample_scene(rng, max_objects)
-            true_caption = describe(scene)
+            # The optional words come from their own stream: the images do not depend on caption_detail.
+            detail = draw_detail(scene, random.Random(f"fastclip-shapes-detail-{seed}-{i}"), caption_detail)
+            true_caption = describe(scene, detail)
             caption, kind = true_caption, None
             if rng.random() < caption_noise:
-                caption, kind = _corrupt(true_caption, scene, rng, max_objects)
+                caption, kind = _corrupt(true_caption, scene, rng, max_objects, detail)
                 corrupted[kind] += 1
             first = scene["objects"][0]
             label = CLASSNAMES.index(f"{first['color']} {first['shape']}")
@@ -187,7 +204,8 @@ def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int 
     braces = f"{{{0:0{width}d}..{n_shards - 1:0{width}d}}}"
     info = {
         "name": "fastclip-shapes", "num_samples": num_samples, "image_size": image_size, "seed": seed,
-        "caption_noise": caption_noise, "max_objects": max_objects, "samples_per_shard": samples_per_shard,
+        "caption_noise": caption_noise, "caption_detail": caption_detail, "max_objects": max_objects,
+        "samples_per_shard": samples_per_shard,
         "shards": f"{prefix}-{braces}.tar",
         "shards_path": os.path.join(os.path.abspath(out_dir), f"{prefix}-{braces}.tar"),
         "num_corrupted": sum(corrupted.values()), "corrupted_by_kind": corrupted,

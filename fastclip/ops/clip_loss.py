@@ -47,6 +47,8 @@ __all__ = [
     "chunked_lse",
     "chunked_softmax_grads",
     "default_chunk_size",
+    "mm_dtype",
+    "acc_dtype",
 ]
 
 
@@ -73,15 +75,20 @@ def default_chunk_size(device: torch.device) -> int:
     return 1024 if device.type == "cpu" else 4096
 
 
-def _mm_dtype(t: torch.Tensor) -> torch.dtype:
+def mm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the tiles' matrix products run in."""
     # CPU BLAS is fastest (and exact enough) in fp32; on GPUs low precision uses the tensor cores.
     if t.dtype == torch.float64:
         return torch.float64
     return torch.float32 if t.device.type == "cpu" else t.dtype
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype tiles and gradients accumulate in (fp32; fp64 for fp64 inputs)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_mm_dtype, _acc_dtype = mm_dtype, acc_dtype  # the names the other loss files import today
 
 
 def _tile_logits(a_blk: torch.Tensor, b_blk: torch.Tensor, scale: float, acc: torch.dtype) -> torch.Tensor:

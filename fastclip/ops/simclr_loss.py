@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_chunk_size, check_float_tensor
-from .clip_loss import STAT_DTYPE, default_chunk_size
+from .clip_loss import STAT_DTYPE, acc_dtype, default_chunk_size, mm_dtype
 
 __all__ = [
     "simclr_loss",
@@ -75,17 +75,6 @@ def simclr_loss_reference(view1: torch.Tensor, view2: torch.Tensor, temperature:
 # ----------------------------------------------------------------------------------------------
 # Chunked engine: PyTorch tiles over the upper triangle (CPU and CUDA).
 # ----------------------------------------------------------------------------------------------
-def _mm_dtype(t: torch.Tensor) -> torch.dtype:
-    # CPU BLAS is fastest (and exact enough) in fp32; on GPUs low precision uses the tensor cores.
-    if t.dtype == torch.float64:
-        return torch.float64
-    return torch.float32 if t.device.type == "cpu" else t.dtype
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _tile(zi: torch.Tensor, zj: torch.Tensor, scale: float, acc: torch.dtype, diagonal: bool) -> torch.Tensor:
     """scale * zi @ zj.T in ``acc``; on a diagonal tile (zi is zj) the self-pairs are -inf."""
     t = torch.mm(zi, zj.T)
@@ -122,7 +111,7 @@ def simclr_lse(z: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
 
     Visits only the tiles (I, J >= I); an off-diagonal tile feeds its row lse to block I and its
     column lse (the same numbers, by symmetry) to block J."""
-    acc, mmd = _acc_dtype(z), _mm_dtype(z)
+    acc, mmd = acc_dtype(z), mm_dtype(z)
     m = z.shape[0]
     r = torch.full((m,), -math.inf, device=z.device, dtype=STAT_DTYPE)
     work = torch.empty(min(chunk, m) ** 2, device=z.device, dtype=acc)
@@ -154,7 +143,7 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
     by the caller afterwards, not folded into r, so that Q cast to fp16 for a GPU's tensor cores
     does not fall into fp16's subnormal range (below 6e-5) at large batches.
     """
-    acc, mmd = _acc_dtype(z), _mm_dtype(z)
+    acc, mmd = acc_dtype(z), mm_dtype(z)
     m = z.shape[0]
     lo, hi = rows
     g = torch.zeros(z.shape, device=z.device, dtype=acc)
@@ -211,7 +200,7 @@ class SimCLRLossFunction(torch.autograd.Function):
     def forward(ctx, view1, view2, temperature, chunk):
         n = view1.shape[0]
         m = 2 * n
-        acc = _acc_dtype(view1)
+        acc = acc_dtype(view1)
         s = 1.0 / temperature
         z = torch.cat([view1, view2])
         r = simclr_lse(z, s, chunk)
@@ -231,7 +220,7 @@ class SimCLRLossFunction(torch.autograd.Function):
         z, r = ctx.saved_tensors
         n, s, chunk = ctx.extra
         m = 2 * n
-        acc = _acc_dtype(z)
+        acc = acc_dtype(z)
         rows = (0 if need1 else n, m if need2 else n)
         g = simclr_grads(z, s, r, chunk, rows)
         coef = grad_out.to(acc) * (s / m)

@@ -20,15 +20,31 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Optional
 
-__all__ = ["DEMO_MODEL", "DEMO_DATA", "demo_config", "prepare_data", "run_demo", "main"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
-# A ViT with 8-px patches on 48-px images (36 patches) and a text tower of the same width.
-DEMO_MODEL = {"name": "ViT-Ti-16", "image_size": 48,
-              "overrides": {"patch_size": 8, "vision_layers": 4, "vision_width": 128, "vision_head_width": 32,
-                            "text_layers": 4, "text_width": 128, "text_heads": 4, "embed_dim": 128}}
-DEMO_DATA = {"train": 20000, "zero_shot": 1500, "retrieval": 1000, "seed": 0}
-DEMO_BUDGET_GFLOPS = 6.0e5
+__all__ = ["DEMO_MODEL", "DEMO_DATA", "demo_config", "demo_budget_gflops", "prepare_data", "run_demo", "main"]
+
+# A ViT with 4-px patches on 32-px images (64 patches), 4 blocks of width 96, and a 2-block text
+# tower of the same width; the images are rendered at 32 px (no resize blur).
+DEMO_MODEL = {"name": "ViT-Ti-16", "image_size": 32,
+              "overrides": {"patch_size": 4, "vision_layers": 4, "vision_width": 96, "vision_head_width": 32,
+                            "text_layers": 2, "text_width": 96, "text_heads": 3, "embed_dim": 96}}
+# Captions name each object's size and the background with probability 0.2 (colour, shape and the
+# relation always): the words that identify a scene are mostly the ones a zero-shot prompt uses.
+DEMO_DATA = {"train": 20000, "zero_shot": 1500, "retrieval": 1000, "seed": 0, "caption_detail": 0.2}
+DEMO_BATCH = 128
+DEMO_STEPS = 1100
+
+
+def demo_budget_gflops() -> float:
+    """The demo's budget: DEMO_STEPS steps of DEMO_BATCH samples at 3x the forward GFLOPs."""
+    from ..flops import model_flops
+    from ..models import CLIPConfig
+    cfg = CLIPConfig.from_name(DEMO_MODEL["name"], image_size=DEMO_MODEL["image_size"], **DEMO_MODEL["overrides"])
+    return DEMO_STEPS * DEMO_BATCH * model_flops(cfg).train
 
 
 def _cache_dir() -> str:
@@ -39,9 +55,12 @@ def prepare_data(root: str, image_size: int, sizes: dict = DEMO_DATA) -> dict:
     """Write (or reuse) the three sets under ``root``; returns their shard patterns."""
     from ..data.synthetic import make_shapes_dataset
     seed = sizes["seed"]
-    specs = {"train": dict(num_samples=sizes["train"], seed=seed, max_objects=2),
-             "zero_shot": dict(num_samples=sizes["zero_shot"], seed=seed + 1_000_003, max_objects=1),
-             "retrieval": dict(num_samples=sizes["retrieval"], seed=seed + 2_000_003, max_objects=2)}
+    detail = sizes["caption_detail"]
+    specs = {"train": dict(num_samples=sizes["train"], seed=seed, max_objects=2, caption_detail=detail),
+             "zero_shot": dict(num_samples=sizes["zero_shot"], seed=seed + 1_000_003, max_objects=1,
+                               caption_detail=detail),
+             "retrieval": dict(num_samples=sizes["retrieval"], seed=seed + 2_000_003, max_objects=2,
+                               caption_detail=detail)}
     out = {}
     for name, spec in specs.items():
         d = os.path.join(root, f"{name}-{spec['num_samples']}-{image_size}px-seed{spec['seed']}")
@@ -61,15 +80,16 @@ def prepare_data(root: str, image_size: int, sizes: dict = DEMO_DATA) -> dict:
     return out
 
 
-def demo_config(data: dict, out_dir: str, budget_gflops: float = DEMO_BUDGET_GFLOPS, **overrides) -> "TrainConfig":
+def demo_config(data: dict, out_dir: str, budget_gflops: Optional[float] = None, overrides=()) -> "TrainConfig":
+    """The demo's training config (``overrides``: ``"key=value"`` strings, as on the command line)."""
     from .config import TrainConfig
     cfg = {
         "output_dir": out_dir,
         "model": DEMO_MODEL,
-        "data": {"train": data["train"], "batch_size": 256, "num_threads": 2},
-        "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup": 0.05, "schedule": "cosine"},
-        "budget": {"gflops": budget_gflops},
-        "eval": {"zero_shot": data["zero_shot"], "retrieval": data["retrieval"], "every_steps": 0},
+        "data": {"train": data["train"], "batch_size": DEMO_BATCH, "num_threads": 2},
+        "optim": {"lr": 2e-3, "weight_decay": 0.1, "warmup": 0.05, "schedule": "cosine"},
+        "budget": {"gflops": budget_gflops or demo_budget_gflops()},
+        "eval": {"zero_shot": data["zero_shot"], "retrieval": data["retrieval"], "every_steps": DEMO_STEPS // 4},
         "log": {"every_steps": 10},
         "checkpoint": {"every_steps": 0, "every_minutes": 5.0, "keep": 1},
     }
@@ -91,18 +111,20 @@ def _table(final: dict, n_classes: int, n_retrieval: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str = "fastclip-demo", budget_gflops: float = DEMO_BUDGET_GFLOPS, overrides=(),
+def run_demo(out_dir: str = "fastclip-demo", budget_gflops: Optional[float] = None, overrides=(),
              data_root=None) -> dict:
     """Prepare the data, train, evaluate; print the results table and return the summary."""
     from .trainer import train
     t0 = time.perf_counter()
     image_size = DEMO_MODEL["image_size"]
-    data = prepare_data(data_root or os.path.join(_cache_dir(), "demo-shapes-v1"), image_size)
+    data = prepare_data(data_root or os.path.join(_cache_dir(), "demo-shapes-v3"), image_size)
     t_data = time.perf_counter() - t0
-    cfg = demo_config(data, out_dir, budget_gflops, **dict(o.split("=", 1) for o in overrides))
-    print(f"fastclip demo: {cfg.model.name} (4+4 layers, width 128) at {image_size} px, strategy {cfg.strategy.name}, "
-          f"budget {cfg.budget.gflops:.3g} GFLOPs, batch {cfg.data.batch_size}; data ready in {t_data:.1f} s "
-          f"({data['train']})", flush=True)
+    cfg = demo_config(data, out_dir, budget_gflops, list(overrides))
+    limits = ", ".join(f"{k} {v:.3g}" for k, v in vars(cfg.budget).items() if v is not None)
+    o = cfg.model.overrides
+    print(f"fastclip demo: {cfg.model.name} ({o.get('vision_layers')}+{o.get('text_layers')} layers, width "
+          f"{o.get('vision_width')}) at {cfg.model.image_size} px, strategy {cfg.strategy.name}, budget {limits}, "
+          f"batch {cfg.data.batch_size}; data ready in {t_data:.1f} s ({os.path.dirname(data['train'])})", flush=True)
     summary = train(cfg)
     total = time.perf_counter() - t0
     final = summary.get("final_eval") or {}
@@ -121,8 +143,8 @@ def run_demo(out_dir: str = "fastclip-demo", budget_gflops: float = DEMO_BUDGET_
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="fastclip-demo", help="output directory (metrics, curves, checkpoint)")
-    p.add_argument("--budget-gflops", type=float, default=DEMO_BUDGET_GFLOPS,
-                   help=f"training compute budget (default {DEMO_BUDGET_GFLOPS:.3g})")
+    p.add_argument("--budget-gflops", type=float, default=None,
+                   help=f"training compute budget (default: {DEMO_STEPS} steps of {DEMO_BATCH} samples)")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. optim.lr=2e-3")
 
 

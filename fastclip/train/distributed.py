@@ -27,6 +27,7 @@ class DistInfo:
     backend: Optional[str] = None
     group: Any = None
     owned: bool = False  # this module initialised the process group (and so destroys it)
+    device: torch.device = torch.device("cpu")  # where small collectives run (NCCL needs CUDA tensors)
 
     @property
     def is_main(self) -> bool:
@@ -86,7 +87,7 @@ def agree(flags: list, info: DistInfo) -> list:
     limit, checkpoint every M minutes) must be the same everywhere."""
     if info.world_size <= 1:
         return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=info.device)
     dist.broadcast(t, 0, group=info.group)
     return [bool(v) for v in t.tolist()]
 

@@ -93,7 +93,8 @@ class ProgressBar:
             return
         self._bar = tqdm(total=1000, initial=int(initial * 1000), unit="‰", desc="budget",
                          bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-                         file=sys.stderr, dynamic_ncols=True)
+                         file=sys.stderr, dynamic_ncols=True,
+                         mininterval=0.2 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s
         self._at = int(initial * 1000)
 
     def update(self, progress: float, **postfix) -> None:

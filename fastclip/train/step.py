@@ -19,6 +19,7 @@ price of one more forward pass.  Under DDP the re-encodes of micro-batches 1..k-
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -26,7 +27,8 @@ from torch import nn
 
 from .strategies import LossContext, StrategyStack
 
-__all__ = ["TrainModule", "StepRunner", "split_batch", "rng_state", "set_rng_state"]
+__all__ = ["TrainModule", "StepRunner", "split_batch", "batch_dict", "rng_state", "set_rng_state", "param_groups",
+           "build_optimizer", "optimizer_step"]
 
 
 class TrainModule(nn.Module):
@@ -42,6 +44,43 @@ class TrainModule(nn.Module):
         out: dict = {}
         self._strategy.encode(self._ctx, batch, out)
         return out
+
+
+def batch_dict(batch: tuple, extra_views: int) -> dict:
+    """A loader batch ``(images, tokens, *views, ...)`` as the dict the strategies read."""
+    return {"images": batch[0], "tokens": batch[1], "views": list(batch[2:2 + extra_views])}
+
+
+def param_groups(named_params, weight_decay: float) -> list:
+    """AdamW groups: weight decay on matrices (ndim >= 2), none on gains, biases and the logit
+    scale and bias (open_clip's rule)."""
+    named_params = list(named_params)
+    decay = [p for n, p in named_params if p.ndim >= 2 and "logit" not in n]
+    no_decay = [p for n, p in named_params if not (p.ndim >= 2 and "logit" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(named_params, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` with ``cfg`` (an :class:`~fastclip.train.config.OptimConfig`)."""
+    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, foreach=device.type == "cuda")
+
+
+def optimizer_step(optimizer, scaler, params: list, model: nn.Module, grad_clip=None,
+                   max_logit_scale: float = 100.0):
+    """What follows a step's backward: unscale and clip (when ``grad_clip``), the AdamW step through
+    the grad scaler, zeroed gradients, the logit scale clamped to [1, max_logit_scale] (as a
+    temperature; the parameter is its log).  Returns the gradient norm before clipping, or None."""
+    norm = None
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(max_logit_scale))
+    return norm
 
 
 def split_batch(batch: dict, k: int) -> list:

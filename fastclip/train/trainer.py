@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import random
 import time
@@ -38,15 +37,29 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, agree, barrier, gather_objects, init_distributed, shutdown
 from .evaluation import check_shards, make_eval_callback
 from .metrics import MetricsWriter, ProgressBar, plot_curves
-from .step import StepRunner, TrainModule
+from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step
 from .strategies import LossContext, build_strategy
 
-__all__ = ["Trainer", "train", "TrainingDiverged"]
+__all__ = ["Trainer", "train", "TrainingDiverged", "build_loader"]
 
 # Config sections that may change between a checkpoint and its resumption (they change neither
 # the model nor the training trajectory's definition); everything else must match.
 _RESUMABLE_CHANGES = ("budget", "eval", "checkpoint", "log", "output_dir", "device", "data.num_threads",
                       "data.backend", "on_nan")
+
+
+def build_loader(shards, batch_size: int, image_size: int, strategy, tokenizer, device, *, backend: str = "auto",
+                 num_threads: int = 2, shuffle=None, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """The training loader the trainer uses: ``ClipLoader`` with the strategy's augmentation, full
+    batches only (``drop_last``), and with several ranks the sample split (every rank's stream
+    is a stride of the one-process stream, so 2 ranks x b see the samples of 1 x 2b)."""
+    from ..data.augment import AugmentConfig
+    from ..data.loader import ClipLoader
+    aug = strategy.augment(AugmentConfig.from_name("clip", image_size=image_size))
+    return ClipLoader(shards, batch_size, image_size=image_size, augment=aug, tokenizer=tokenizer, backend=backend,
+                      device=device, num_threads=num_threads, shuffle=shuffle, seed=seed, rank=rank,
+                      world_size=world_size, worker=0, num_workers=1, split="sample" if world_size > 1 else "auto",
+                      drop_last=True, warn=False)
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,6 +181,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed(torch.device("cuda" if cfg.device.startswith("cuda") or (
             cfg.device == "auto" and torch.cuda.is_available()) else "cpu"))
         self.device = _resolve_device(cfg.device, self.dist.local_rank)
+        if self.dist.backend == "nccl":
+            self.dist.device = self.device
         self.precision = cfg.optim.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -211,29 +226,19 @@ class Trainer:
                 module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         self.module = module
         params = list(self.model.named_parameters()) + [(f"modules.{n}", p) for n, p in self.modules.named_parameters()]
-        decay = [p for n, p in params if p.ndim >= 2 and "logit" not in n]
-        no_decay = [p for n, p in params if not (p.ndim >= 2 and "logit" not in n)]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=dev.type == "cuda")
+        self.optimizer = build_optimizer(params, cfg.optim, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
         self.params = [p for _, p in params]
         # Masks draw from the global RNG: a different stream per rank.
         torch.manual_seed(cfg.seed * 1000003 + 7919 * (self.dist.rank + 1))
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed * 7 + self.dist.rank) % 2**32)
-        from ..data.augment import AugmentConfig
-        from ..data.loader import ClipLoader
-        aug = self.strategy.augment(AugmentConfig.from_name("clip", image_size=cfg.model.image_size))
         d = cfg.data
-        self.loader = ClipLoader(d.train, d.batch_size // self.dist.world_size, image_size=cfg.model.image_size,
-                                 augment=aug, tokenizer=self.tokenizer, backend=d.backend, device=dev,
-                                 num_threads=d.num_threads, shuffle=d.shuffle, seed=cfg.seed,
-                                 rank=self.dist.rank, world_size=self.dist.world_size, worker=0, num_workers=1,
-                                 split="sample" if self.dist.world_size > 1 else "auto", drop_last=True,
-                                 warn=False)
-        self.extra_views = aug.extra_views
+        self.loader = build_loader(d.train, d.batch_size // self.dist.world_size, cfg.model.image_size,
+                                   self.strategy, self.tokenizer, dev, backend=d.backend, num_threads=d.num_threads,
+                                   shuffle=d.shuffle, seed=cfg.seed, rank=self.dist.rank,
+                                   world_size=self.dist.world_size)
+        self.extra_views = self.loader.cfg.extra_views
 
         def autocast():
             if self.autocast_dtype is None:
@@ -317,9 +322,8 @@ class Trainer:
         every_ckpt_s = cfg.checkpoint.every_minutes * 60
         last_ckpt_t = time.monotonic()
         last_log = (time.perf_counter(), budget.used.samples)
-        t_step = time.perf_counter()
         epoch_iter = None
-        batches_in_epoch = 0
+        batches_in_epoch = empty_epochs = 0
         done = False
         evals: list = []
         while not done:
@@ -332,7 +336,10 @@ class Trainer:
             batch = next(epoch_iter, None)
             if not self._all_have(batch is not None):
                 epoch_iter = None
-                if batches_in_epoch == 0:
+                # One empty epoch is the rest of an epoch that a checkpoint taken after its last batch
+                # resumes; two in a row mean the data cannot fill a batch.
+                empty_epochs = empty_epochs + 1 if batches_in_epoch == 0 else 0
+                if empty_epochs >= 2:
                     raise ConfigError(
                         f"data.train={cfg.data.train!r} gave no full batch of {self.loader.batch_size} samples per "
                         f"rank in an epoch (loader counters: {self.loader.stats.as_dict()}); use more data or a "
@@ -347,7 +354,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss, terms = self.runner.run(self._batch_dict(batch))
+            loss, terms = self.runner.run(batch_dict(batch, self.extra_views))
             del batch
             if loss is None:
                 bad = {k: float(v.detach()) for k, v in terms.items()}
@@ -360,14 +367,8 @@ class Trainer:
                     raise TrainingDiverged(f"the loss is not finite at step {self.step} ({bad}); the last good "
                                            f"checkpoint is {where} (set on_nan=skip to skip such batches)")
             else:
-                if cfg.optim.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    self.model.logit_scale.clamp_(0, math.log(cfg.optim.max_logit_scale))
+                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.model, cfg.optim.grad_clip,
+                                           cfg.optim.max_logit_scale)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = time.perf_counter() - t0
@@ -425,16 +426,9 @@ class Trainer:
         if self.dist.world_size == 1:
             return have
         import torch.distributed as dist
-        t = torch.tensor([0.0 if have else 1.0], dtype=torch.float64)
-        if self.dist.backend == "nccl":
-            t = t.to(self.device)
+        t = torch.tensor([0.0 if have else 1.0], dtype=torch.float64, device=self.dist.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dist.group)
         return t.item() == 0.0
-
-    def _batch_dict(self, batch: tuple) -> dict:
-        images, tokens = batch[0], batch[1]
-        views = list(batch[2:2 + self.extra_views])
-        return {"images": images, "tokens": tokens, "views": views}
 
     def _evaluate(self, writer, bar, evals: list) -> Optional[dict]:
         if self.evaluate is None:

@@ -38,8 +38,10 @@ def test_captions_labels_and_noise(tmp_path):
         assert s.label == info["label"] and CLASSNAMES[s.label] == info["classname"]
         first = info["scene"]["objects"][0]
         assert info["classname"] == f"{first['color']} {first['shape']}"
-        assert info["true_caption"].startswith(f"a {first['size']} {info['classname']}")
-        assert info["true_caption"].endswith(f"on a {info['scene']['background']} background")
+        assert info["true_caption"].startswith((f"a {first['size']} {info['classname']}",
+                                                 f"a {info['classname']}"))
+        assert info["true_caption"].endswith((f"on a {info['scene']['background']} background",
+                                               first["shape"], info["scene"]["objects"][-1]["shape"]))
         if info["caption_ok"]:
             assert s.caption == info["true_caption"]
         else:
@@ -74,3 +76,20 @@ def test_argument_errors(tmp_path):
         make_shapes_dataset(str(tmp_path), 10, caption_noise=1.5)
     with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
         make_shapes_dataset(str(tmp_path), 0)
+
+
+def test_caption_detail_says_the_optional_words_and_keeps_the_images(tmp_path):
+    full = make_shapes_dataset(str(tmp_path / "full"), 60, 24, seed=3, caption_detail=1.0, samples_per_shard=60)
+    bare = make_shapes_dataset(str(tmp_path / "bare"), 60, 24, seed=3, caption_detail=0.0, samples_per_shard=60)
+    some = make_shapes_dataset(str(tmp_path / "some"), 200, 24, seed=3, caption_detail=0.5, samples_per_shard=200)
+    for f, b in zip(_samples(full, str(tmp_path / "full")), _samples(bare, str(tmp_path / "bare"))):
+        assert f.image == b.image  # the optional words are drawn apart from the images
+        scene = json.loads(f.members["json"])["scene"]
+        assert f.caption.endswith(f"on a {scene['background']} background")
+        assert all(f" {o['size']} " in f" {f.caption} " for o in scene["objects"])
+        assert "background" not in b.caption and " small " not in b.caption and " large " not in b.caption
+        assert all(f"{o['color']} {o['shape']}" in b.caption for o in scene["objects"])
+    with_bg = sum("background" in s.caption for s in _samples(some, str(tmp_path / "some")))
+    assert 0.35 < with_bg / 200 < 0.65
+    with pytest.raises(ValueError, match="caption_detail"):
+        make_shapes_dataset(str(tmp_path / "x"), 5, 24, caption_detail=1.5)

@@ -8,18 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-import fastclip
 from fastclip.data import ClipLoader, make_shapes_dataset
 from fastclip.eval import evaluate_retrieval, retrieval_metrics, retrieval_metrics_reference
 
 KS = (1, 2, 3, 5, 10)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return fastclip.create_model("ViT-Ti-16", image_size=32, vision_layers=1, text_layers=1, text_width=64,
-                                 text_heads=2, embed_dim=32).eval()
 
 
 @pytest.fixture(scope="module")

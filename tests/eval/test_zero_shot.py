@@ -10,13 +10,6 @@ from fastclip.eval import evaluate_zero_shot, zero_shot_classifier, zero_shot_me
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return fastclip.create_model("ViT-Ti-16", image_size=32, vision_layers=1, text_layers=1, text_width=64,
-                                 text_heads=2, embed_dim=32).eval()
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return fastclip.get_tokenizer()
 

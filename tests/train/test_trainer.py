@@ -1,6 +1,6 @@
 """End to end: a real (tiny) training run, its outputs, bad input refused before work, NaN handling,
 and resumption that reproduces the uninterrupted run bit for bit (CPU, fp32)."""
-import json
+
 import os
 
 import pytest
@@ -130,22 +130,22 @@ def test_nan_loss_can_be_skipped(shapes, tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
 
 
-@pytest.mark.parametrize("backend", ["pil", "dali"])
-@pytest.mark.parametrize("strategy", ["clip", "flip"])
-def test_resume_reproduces_the_uninterrupted_run_bitwise(shapes, tmp_path, backend, strategy):
-    """8 steps straight vs 4 steps, a new Trainer, resume from step 4: same losses, bit for bit."""
+@pytest.mark.parametrize("backend,strategy,stop", [("pil", "clip", 13), ("dali", "clip", 13), ("pil", "flip", 13),
+                                                   ("dali", "flip", 13), ("pil", "clip", 20), ("dali", "clip", 20)])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(shapes, tmp_path, backend, strategy, stop):
+    """26 steps straight vs ``stop`` steps, a new Trainer, resume: same losses, bit for bit.  13 stops
+    inside the first epoch, 20 right after its last batch (640 samples / batch 32)."""
     pytest.importorskip("nvidia.dali") if backend == "dali" else None
-    # 640 samples / batch 32 = 20 batches per epoch; budget 26 crosses an epoch boundary
     straight = _cfg(shapes, tmp_path / "a", data={"backend": backend}, strategy={"name": strategy},
-                    budget={"steps": 26}, checkpoint={"every_steps": 13})
+                    budget={"steps": 26}, checkpoint={"every_steps": stop})
     train(straight)
     first = _cfg(shapes, tmp_path / "b", data={"backend": backend}, strategy={"name": strategy},
-                 budget={"steps": 26}, checkpoint={"every_steps": 13})
+                 budget={"steps": 26}, checkpoint={"every_steps": stop})
     t = Trainer(first)
-    t.budget.limits.steps = 13  # stop early, as a crash after the checkpoint would
+    t.budget.limits.steps = stop  # stop early, as a crash after the checkpoint would
     t.run()
     resumed = train(_cfg(shapes, tmp_path / "b", data={"backend": backend}, strategy={"name": strategy},
-                         budget={"steps": 26}, checkpoint={"every_steps": 13}), resume="latest")
+                         budget={"steps": 26}, checkpoint={"every_steps": stop}), resume="latest")
     assert resumed["steps"] == 26
     a, b = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))
     assert [s for s, _ in b] == list(range(1, 27))
@@ -166,3 +166,32 @@ def test_resume_refuses_an_incompatible_config(shapes, tmp_path):
     # a longer budget is a compatible change (continue training)
     more = train(_cfg(shapes, tmp_path / "c", budget={"steps": 6}), resume="latest")
     assert more["steps"] == 6
+
+
+def test_bf16_autocast_grad_checkpointing_and_tensorboard(shapes, tmp_path):
+    """The options a CPU user can turn on run end to end (bf16 autocast on CPU, checkpointed blocks,
+    TensorBoard when installed)."""
+    tb = True
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        tb = False
+    cfg = _cfg(shapes, tmp_path / "opts", optim={"precision": "bf16", "grad_clip": 1.0},
+               model=dict(tiny_model_cfg(), grad_checkpointing=True), budget={"steps": 3},
+               log={"tensorboard": tb}, checkpoint={"every_steps": 0})
+    summary = train(cfg)
+    recs = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    assert summary["steps"] == 3 and all("grad_norm" in r for r in recs)
+    if tb:
+        assert os.listdir(os.path.join(cfg.output_dir, "tensorboard"))
+
+
+def test_cli_train_print_config_and_usage_errors(shapes, tmp_path, capsys):
+    from fastclip.cli import main
+    assert main(["train", "--print-config", "optim.lr=0.01"]) == 0
+    assert "lr: 0.01" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "optim.lrr=1"])
+    assert exc.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert main(["train", f"data.train={tmp_path}/none-{{0..3}}.tar", "budget.steps=1"]) == 2
+    assert "matches no shard file" in capsys.readouterr().err
