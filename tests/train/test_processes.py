@@ -74,11 +74,14 @@ def _free_port():
 
 
 @pytest.mark.distributed
-def test_two_ranks_train_like_one_process_with_twice_the_batch(shapes, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_train_like_one_process_with_twice_the_batch(shapes, tmp_path, accum):
+    """accum=2: each rank also accumulates 2 micro-batches (DDP's no_sync, then one all-reduce)."""
     sections = dict(data={"shuffle": 0, "backend": "pil"}, budget={"steps": 5},
                     checkpoint={"every_steps": 0})
     one = _write_cfg(tmp_path / "one.yaml", shapes, tmp_path / "one", **sections)
     subprocess.run(_train_cmd(one), env=_env(), check=True, timeout=600, capture_output=True)
+    sections["data"] = dict(sections["data"], accum_steps=accum)
     two = _write_cfg(tmp_path / "two.yaml", shapes, tmp_path / "two", **sections)
     port = str(_free_port())
     procs = [subprocess.Popen(_train_cmd(two), env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
