@@ -195,3 +195,17 @@ def test_cli_train_print_config_and_usage_errors(shapes, tmp_path, capsys):
     assert exc.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
     assert main(["train", f"data.train={tmp_path}/none-{{0..3}}.tar", "budget.steps=1"]) == 2
     assert "matches no shard file" in capsys.readouterr().err
+
+
+def test_compiled_training_runs_and_keeps_the_checkpoint_layout(shapes, tmp_path):
+    """model.compile=true compiles the training module in place: the checkpoint keeps open_clip's
+    parameter names (no ``_orig_mod.`` prefix) and the losses stay close to eager mode's."""
+    eager = train(_cfg(shapes, tmp_path / "eager", budget={"steps": 2}, checkpoint={"every_steps": 0}))
+    compiled = train(_cfg(shapes, tmp_path / "compiled", model=dict(tiny_model_cfg(), compile=True),
+                          budget={"steps": 2}, checkpoint={"every_steps": 0}))
+    a, b = _losses(str(tmp_path / "eager")), _losses(str(tmp_path / "compiled"))
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2]
+    for (_, la), (_, lb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-3)
+    keys = set(torch.load(compiled["checkpoint"], weights_only=False)["state_dict"])
+    assert keys == set(torch.load(eager["checkpoint"], weights_only=False)["state_dict"])
