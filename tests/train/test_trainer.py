@@ -209,3 +209,11 @@ def test_compiled_training_runs_and_keeps_the_checkpoint_layout(shapes, tmp_path
         assert lb == pytest.approx(la, rel=1e-3)
     keys = set(torch.load(compiled["checkpoint"], weights_only=False)["state_dict"])
     assert keys == set(torch.load(eager["checkpoint"], weights_only=False)["state_dict"])
+
+
+def test_checkpoints_on_the_clock(shapes, tmp_path):
+    """checkpoint.every_minutes triggers on wall time alone (here: after every step)."""
+    summary = train(_cfg(shapes, tmp_path / "clock", budget={"steps": 3},
+                         checkpoint={"every_steps": 0, "every_minutes": 1e-6, "keep": 10}))
+    names = sorted(os.listdir(os.path.join(summary["output_dir"], "checkpoints")))
+    assert names == ["step-00000001.pt", "step-00000002.pt", "step-00000003.pt"]
