@@ -639,11 +639,7 @@ def _encoder_steps(steps: list[dict], skips: list[dict]) -> list[str]:
                    f"{e['rounds']} | {e['samples_per_s']:.1f} | {gf} | {e['ratio']:.2f} | "
                    f"{e['gflops']:.1f} | {_f(e.get('peak_extra_mb'), '.1f')} |")
     out.append("")
-    shown = {e["device"] for e in steps}
-    out += _skip_counts(skips, lambda p: p.get("device") in shown)
-    out += [f"- {s['nodeid'].split('::')[-1]} not run: {s.get('reason', '')}" for s in skips
-            if _params(s).get("device") in shown]
-    return out
+    return out + _device_skips(steps, skips)
 
 
 def encoder_tables(raw: dict) -> list[str]:
@@ -811,11 +807,15 @@ def _train_steps(steps: list[dict], skips: list[dict]) -> list[str]:
                      "interleave them); in brackets the ratio of the FLOPs run:"), "",
                     "| model | px | batch | " + " | ".join(f"{f} / clip" for f in flips) + " |",
                     "|---|---:|---:|" + "---:|" * len(flips)] + rows + [""]
+    return out + _device_skips(steps, skips)
+
+
+def _device_skips(steps: list, skips: list) -> list[str]:
+    """The skipped cases of the devices that have results: counts, then each with its reason."""
     shown = {e["device"] for e in steps}
-    out += _skip_counts(skips, lambda p: p.get("device") in shown)
-    out += [f"- {s['nodeid'].split('::')[-1]} not run: {s.get('reason', '')}" for s in skips
-            if _params(s).get("device") in shown]
-    return out
+    out = _skip_counts(skips, lambda p: p.get("device") in shown)
+    return out + [f"- {s['nodeid'].split('::')[-1]} not run: {s.get('reason', '')}" for s in skips
+                  if _params(s).get("device") in shown]
 
 
 def train_tables(raw: dict) -> list[str]:
