@@ -316,15 +316,18 @@ def _triton_check(device=None, dtype=None, **_):
 
 dispatch.register("clip_loss", dispatch.Backend(
     "triton", _run_engine(_TritonEngine), devices=("cuda", "cpu"), packages=("triton",),
-    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
+    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
+    extra={"engine": _TritonEngine}))
 dispatch.register("clip_loss", dispatch.Backend(
     "chunked", _run_engine(_ChunkedEngine), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA"))
+    doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA",
+    extra={"engine": _ChunkedEngine}))
 dispatch.register("clip_loss", dispatch.Backend(
     "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="materialised N x N logits (O(N^2) memory); the test oracle"))
+    doc="materialised N x N logits (O(N^2) memory); the test oracle",
+    extra={"engine": None}))  # the distributed loss runs the materialised oracle
 
 def _auto_skip(device: torch.device) -> tuple:
     # Automatic selection never picks the O(N^2) oracle, nor the Triton interpreter on CPU.

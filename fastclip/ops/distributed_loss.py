@@ -101,23 +101,20 @@ from .clip_loss import (
     STAT_DTYPE,
     _acc_dtype,
     _auto_skip,
-    _ChunkedEngine,
     _finish_grads,
     _rowdot_sum,
     _run_engine,
     _run_reference,
-    _TritonEngine,
     clip_loss,
     default_chunk_size,
 )
-from .siglip_loss import _ChunkedSweep, _TritonSweep, siglip_loss
+from .siglip_loss import siglip_loss
 from .siglip_loss import _run_reference as _run_siglip_reference
 
-__all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES"]
+__all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES",
+           "distributed_engine"]
 
 CLIP_MODES = ("lean", "gather", "local")
-_CLIP_ENGINES = {"chunked": _ChunkedEngine, "triton": _TritonEngine}
-_SIGLIP_ENGINES = {"chunked": _ChunkedSweep, "triton": _TritonSweep}
 # Column statistic that switches off the column half of P = exp(z - r) + exp(z - c) (row-only CE).
 # Finite on purpose: inf - inf would be NaN in the split fp64 -> fp32 subtraction of the engines.
 _NO_COLUMN_TERM = 1e30
@@ -604,10 +601,16 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def _select(op: str, backend, a, engines: dict):
-    """The engine of the chosen backend, or None for the reference twin."""
-    chosen = dispatch.select(op, backend, device=a.device, dtype=a.dtype, auto_skip=_auto_skip(a.device))
-    return engines.get(chosen.name)
+def distributed_engine(op: str, backend, device: torch.device, dtype: torch.dtype):
+    """The engine the distributed loss runs for ``op``'s chosen backend: the backend's own
+    ``extra["engine"]`` (None: the materialised reference twin).  A backend that declares none is
+    refused: it must never fall back silently to the O(N^2) path across ranks."""
+    chosen = dispatch.select(op, backend, device=device, dtype=dtype, auto_skip=_auto_skip(device))
+    if "engine" not in chosen.extra:
+        raise dispatch.BackendError(
+            f"{op}: backend {chosen.name!r} declares no engine for the distributed loss (Backend.extra['engine']; "
+            "None would mean the materialised reference); choose another backend")
+    return chosen.extra["engine"]
 
 
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
@@ -676,7 +679,7 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
         _check_local_group(a, group, expect)
         scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
         bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=False)
-        engine = _select("clip_loss", backend, a, _CLIP_ENGINES)
+        engine = distributed_engine("clip_loss", backend, a.device, a.dtype)
         n = a.shape[0]
         fields = _common_fields(a, b, scale_t, bias_t, logit_bias is not None) + [
             _Field("mode", CLIP_MODES.index(mode), show=CLIP_MODES),
@@ -751,7 +754,7 @@ def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backe
         _check_local_group(a, group, expect)
         scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
         bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=True)
-        engine = _select("siglip_loss", backend, a, _SIGLIP_ENGINES)
+        engine = distributed_engine("siglip_loss", backend, a.device, a.dtype)
         n = a.shape[0]
         fields = _common_fields(a, b, scale_t, bias_t, True) + [
             _Field("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),

@@ -143,15 +143,18 @@ def _run_engine(engine):
 
 dispatch.register("siglip_loss", dispatch.Backend(
     "triton", _run_engine(_TritonSweep), devices=("cuda", "cpu"), packages=("triton",),
-    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
+    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
+    extra={"engine": _TritonSweep}))
 dispatch.register("siglip_loss", dispatch.Backend(
     "chunked", _run_engine(_ChunkedSweep), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA"))
+    doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA",
+    extra={"engine": _ChunkedSweep}))
 dispatch.register("siglip_loss", dispatch.Backend(
     "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="materialised N x N logits (O(N^2) memory); the test oracle"))
+    doc="materialised N x N logits (O(N^2) memory); the test oracle",
+    extra={"engine": None}))  # the distributed loss runs the materialised oracle
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,

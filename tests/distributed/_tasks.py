@@ -83,9 +83,8 @@ def no_grad_forward(counts, d, seed):
     The inputs require grad (text features only on rank 1): grad mode, not requires_grad, must
     decide whether gradients are formed, or the ranks would take different collective paths.
     Returns the two losses and how many SigLIP sweeps were asked for gradients (must be 0)."""
-    import importlib
-    mod = importlib.import_module("fastclip.ops.distributed_loss")
-    engine = mod._SIGLIP_ENGINES["chunked"]
+    from fastclip.ops.distributed_loss import distributed_engine
+    engine = distributed_engine("siglip_loss", "chunked", torch.device("cpu"), torch.float32)
     orig, grad_sweeps = engine.sweep, []
 
     def counting(a, b, scale, bias, chunk, need_grads):

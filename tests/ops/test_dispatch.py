@@ -82,3 +82,25 @@ def test_env_flag(monkeypatch):
         assert env_flag("FASTCLIP_TEST_FLAG", True) is True and env_flag("FASTCLIP_TEST_FLAG", False) is False
     monkeypatch.delenv("FASTCLIP_TEST_FLAG")
     assert env_flag("FASTCLIP_TEST_FLAG", True) is True
+
+
+@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss"])
+def test_every_loss_backend_declares_its_distributed_engine(op):
+    """One table: each registered loss backend carries the engine the distributed loss runs (None
+    for the materialised reference), so a new backend cannot silently run O(N^2) across ranks."""
+    from fastclip.ops import dispatch
+    from fastclip.ops.distributed_loss import distributed_engine
+    for b in dispatch.backends(op):
+        assert "engine" in b.extra, f"{op} backend {b.name!r} declares no distributed engine"
+        assert (b.extra["engine"] is None) == (b.name == "reference")
+    assert distributed_engine(op, "chunked", torch.device("cpu"), torch.float32) is \
+        next(b for b in dispatch.backends(op) if b.name == "chunked").extra["engine"]
+
+
+def test_a_backend_without_a_distributed_engine_is_refused(monkeypatch):
+    from fastclip.ops import dispatch
+    from fastclip.ops.distributed_loss import distributed_engine
+    chunked = next(b for b in dispatch.backends("clip_loss") if b.name == "chunked")
+    monkeypatch.setattr(chunked, "extra", {})
+    with pytest.raises(dispatch.BackendError, match="declares no engine for the distributed loss"):
+        distributed_engine("clip_loss", "chunked", torch.device("cpu"), torch.float32)
