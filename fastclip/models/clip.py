@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.encoders import TextTower, VisionTransformer, _build_text_modules
+from ..nn.encoders import TextTower, VisionTransformer, build_text_modules
 from ..nn.resnet import ModifiedResNet
 from ..ops.patch_mask import check_mask_ratio
 from .config import CLIPConfig
@@ -53,8 +53,8 @@ class CLIP(TextTower, nn.Module):
             self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads, v.mlp_ratio,
                                             config.embed_dim, mask_ratio=v.mask_ratio, mask_mode=v.mask_mode,
                                             quick_gelu=config.quick_gelu, attn_backend=config.attn_backend)
-        _build_text_modules(self, t.context_length, t.vocab_size, t.width, t.heads, t.layers, t.mlp_ratio,
-                            config.embed_dim, config.quick_gelu, config.attn_backend, config.trim_text_padding)
+        build_text_modules(self, t.context_length, t.vocab_size, t.width, t.heads, t.layers, t.mlp_ratio,
+                           config.embed_dim, config.quick_gelu, config.attn_backend, config.trim_text_padding)
         self._init_text_parameters()
         self.logit_scale = nn.Parameter(torch.full((), float(config.init_logit_scale)))
         if config.init_logit_bias is not None:

@@ -38,7 +38,7 @@ from .attention import MultiheadSelfAttention
 from .patch_mask import PatchMasking
 
 __all__ = ["LayerNorm", "QuickGELU", "ResidualAttentionBlock", "Transformer", "VisionTransformer",
-           "TextTransformer", "TextTower", "check_images", "check_tokens"]
+           "TextTransformer", "TextTower", "build_text_modules", "check_images", "check_tokens"]
 
 
 
@@ -257,9 +257,11 @@ class TextTower:
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
 
-def _build_text_modules(owner: nn.Module, context_length: int, vocab_size: int, width: int, heads: int,
-                        layers: int, mlp_ratio: float, output_dim: int, quick_gelu: bool, attn_backend: str,
-                        trim_padding: bool = True):
+def build_text_modules(owner: nn.Module, context_length: int, vocab_size: int, width: int, heads: int,
+                       layers: int, mlp_ratio: float, output_dim: int, quick_gelu: bool, attn_backend: str,
+                       trim_padding: bool = True):
+    """Give ``owner`` the text tower's modules under open_clip's top-level names (the CLIP model
+    and :class:`TextTransformer` both hold them so)."""
     owner.trim_padding = bool(trim_padding)
     owner.context_length = context_length
     owner.vocab_size = vocab_size
@@ -281,8 +283,8 @@ class TextTransformer(TextTower, nn.Module):
                  layers: int = 12, mlp_ratio: float = 4.0, output_dim: int = 512, *, quick_gelu: bool = False,
                  attn_backend: str = "auto", trim_padding: bool = True):
         nn.Module.__init__(self)
-        _build_text_modules(self, context_length, vocab_size, width, heads, layers, mlp_ratio, output_dim,
-                            quick_gelu, attn_backend, trim_padding)
+        build_text_modules(self, context_length, vocab_size, width, heads, layers, mlp_ratio, output_dim,
+                           quick_gelu, attn_backend, trim_padding)
         self._init_text_parameters()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

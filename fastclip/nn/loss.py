@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.clip_loss import clip_loss
-from ..ops.distributed_loss import _distributed_clip_loss, _distributed_siglip_loss
+from ..ops.distributed_loss import distributed_clip_loss, distributed_siglip_loss
 from ..ops.siglip_loss import siglip_loss
 from ..ops.simclr_loss import check_temperature, check_views, simclr_loss
 
@@ -84,7 +84,7 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             open_clip = self.dist_mode == "open_clip"
             mode = ("local" if self.local_loss else "gather") if open_clip else "lean"
-            loss = _distributed_clip_loss(
+            loss = distributed_clip_loss(
                 image_features, text_features, logit_scale, logit_bias, group=self.group, mode=mode,
                 gather_with_grad=bool(self.gather_with_grad) and open_clip, backend=self.backend,
                 chunk_size=self.chunk_size, label_smoothing=self.label_smoothing,
@@ -129,9 +129,9 @@ class SigLipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
         if self.world_size > 1:
-            loss = _distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                                            group=self.group, backend=self.backend, chunk_size=self.chunk_size,
-                                            expect=(self.rank, self.world_size))
+            loss = distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                           group=self.group, backend=self.backend, chunk_size=self.chunk_size,
+                                           expect=(self.rank, self.world_size))
         else:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
                                chunk_size=self.chunk_size)

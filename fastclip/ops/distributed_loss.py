@@ -616,7 +616,7 @@ def distributed_engine(op: str, backend, device: torch.device, dtype: torch.dtyp
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                           logit_bias=None, *, group=None, mode: str = "lean", gather_with_grad: bool = False,
                           backend: str = "auto", chunk_size: Optional[int] = None,
-                          label_smoothing: float = 0.0) -> torch.Tensor:
+                          label_smoothing: float = 0.0, expect: Optional[tuple] = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) loss of the global batch spread over the ranks of ``group``.
 
     Every rank of the group must call it (with its own local pairs) and, when gradients are
@@ -639,6 +639,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         backend: "auto", "triton", "chunked" or "reference" (materialised logits, the oracle).
         chunk_size: tile edge of the chunked backend.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``, on both directions.
+        expect: optional (rank, world_size) the caller believes it has in ``group`` (the loss
+            modules pass theirs); a mismatch is refused on every rank, like invalid input.
 
     Returns:
         0-dim tensor (float32 for low-precision inputs, except with backend="reference", which
@@ -650,7 +652,7 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
     """
     return _distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, group=group, mode=mode,
                                   gather_with_grad=gather_with_grad, backend=backend, chunk_size=chunk_size,
-                                  label_smoothing=label_smoothing)
+                                  label_smoothing=label_smoothing, expect=expect)
 
 
 def _check_clip_mode(mode, gather_with_grad) -> None:
@@ -718,7 +720,8 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
 
 
 def distributed_siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
-                            group=None, backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+                            group=None, backend: str = "auto", chunk_size: Optional[int] = None,
+                            expect: Optional[tuple] = None) -> torch.Tensor:
     """Sigmoid (SigLIP) loss of the global batch spread over the ranks of ``group``.
 
     The result of open_clip's neighbour-exchange SigLipLoss (any ``dist_impl``) on the concatenated
@@ -734,12 +737,13 @@ def distributed_siglip_loss(image_features: torch.Tensor, text_features: torch.T
         group: the process group (None: the default group).
         backend: "auto", "triton", "chunked" or "reference" (materialised logits, the oracle).
         chunk_size: tile edge of the chunked backend.
+        expect: optional (rank, world_size), checked as in distributed_clip_loss.
 
     Raises:
         DistributedInputError: on every rank, before any data moves, as for distributed_clip_loss.
     """
     return _distributed_siglip_loss(image_features, text_features, logit_scale, logit_bias, group=group,
-                                    backend=backend, chunk_size=chunk_size)
+                                    backend=backend, chunk_size=chunk_size, expect=expect)
 
 
 def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backend="auto", chunk_size=None,
