@@ -34,26 +34,46 @@ def _devices() -> list[tuple[torch.device, str]]:
     return out
 
 
-def report() -> str:
-    lines = [f"fastclip {__version__}", f"python {sys.version.split()[0]} on {platform.platform()}"]
-    lines += [f"  {name:12s} {_version(name)}" for name in _PACKAGES]
-    lines.append(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  "
-                 f"FASTCLIP_BACKEND={os.environ.get('FASTCLIP_BACKEND', '')!r}")
-    if not torch.cuda.is_available():
-        lines.append("  cuda: not available (torch.cuda.is_available() is False)")
+def report_dict() -> dict:
+    """The report as plain data, for logs (the trainer writes it into ``summary.json``):
+    ``{"fastclip", "python", "platform", "packages": {name: version or reason}, "environment",
+    "devices": {device: {"description", "ops": {op: {backend: {"usable": [dtypes], "reasons": [...]}}}}}}``."""
+    out = {"fastclip": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+           "packages": {name: _version(name) for name in _PACKAGES},
+           "environment": {k: os.environ.get(k, "") for k in ("TRITON_INTERPRET", "FASTCLIP_BACKEND")},
+           "cuda_available": torch.cuda.is_available(), "devices": {}}
     for device, desc in _devices():
-        lines.append(f"\ndevice {device}: {desc}")
+        ops = {}
         for op in dispatch.all_ops():
-            lines.append(f"  {op}:")
+            ops[op] = {}
             for b in dispatch.backends(op):
                 dtypes = [d for d in b.dtypes if d != torch.float64]
                 usable = {d: b.reasons(device=device, dtype=d) for d in dtypes}
-                ok = [str(d).replace("torch.", "") for d, r in usable.items() if not r]
-                if ok:
-                    lines.append(f"    {b.name:10s} usable ({', '.join(ok)})  {b.doc}")
+                ops[op][b.name] = {
+                    "usable": [str(d).replace("torch.", "") for d, r in usable.items() if not r],
+                    "reasons": sorted({"; ".join(r) for r in usable.values() if r}),
+                    "doc": b.doc}
+        out["devices"][str(device)] = {"description": desc, "ops": ops}
+    return out
+
+
+def report() -> str:
+    d = report_dict()
+    lines = [f"fastclip {d['fastclip']}", f"python {d['python']} on {d['platform']}"]
+    lines += [f"  {name:12s} {version}" for name, version in d["packages"].items()]
+    env = d["environment"]
+    lines.append(f"  TRITON_INTERPRET={env['TRITON_INTERPRET']!r}  FASTCLIP_BACKEND={env['FASTCLIP_BACKEND']!r}")
+    if not d["cuda_available"]:
+        lines.append("  cuda: not available (torch.cuda.is_available() is False)")
+    for device, dev in d["devices"].items():
+        lines.append(f"\ndevice {device}: {dev['description']}")
+        for op, backends in dev["ops"].items():
+            lines.append(f"  {op}:")
+            for name, b in backends.items():
+                if b["usable"]:
+                    lines.append(f"    {name:10s} usable ({', '.join(b['usable'])})  {b['doc']}")
                 else:
-                    reasons = sorted({"; ".join(r) for r in usable.values()})
-                    lines.append(f"    {b.name:10s} not usable: {' | '.join(reasons)}")
+                    lines.append(f"    {name:10s} not usable: {' | '.join(b['reasons'])}")
     return "\n".join(lines)
 
 

@@ -22,3 +22,15 @@ def test_import_is_light():
             "print([m for m in ('triton', 'nvidia.dali', 'flash_attn', 'xformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_report_as_a_dict_for_logs():
+    import json
+
+    from fastclip.info import report_dict
+    d = report_dict()
+    json.dumps(d)  # plain data
+    assert d["fastclip"] == fastclip.__version__ and "torch" in d["packages"]
+    cpu = d["devices"]["cpu"]["ops"]
+    assert "float32" in cpu["clip_loss"]["chunked"]["usable"]
+    assert set(cpu) >= {"clip_loss", "siglip_loss", "simclr_loss", "attention", "patch_mask"}

@@ -415,6 +415,9 @@ class Trainer:
                                                for _, r in budget.phases}}
         if main:
             import json
+
+            from ..info import report_dict
+            summary["environment"] = report_dict()  # versions, devices, every backend's usability
             with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1, default=str)
             if cfg.log.plot:

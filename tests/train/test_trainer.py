@@ -39,6 +39,9 @@ def test_a_run_writes_its_outputs_and_evaluates(shapes, tmp_path):
     assert summary["budget_used"]["gflops"] == pytest.approx(8 * 32 * summary["train_gflops_per_sample"]["0.0"])
     for name in ("metrics.jsonl", "summary.json", "config.yaml", "curves.png"):
         assert os.path.exists(os.path.join(out, name)), name
+    import json
+    with open(os.path.join(out, "summary.json")) as f:
+        assert "clip_loss" in json.load(f)["environment"]["devices"]["cpu"]["ops"]
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [4, 8]
