@@ -216,7 +216,7 @@ class FastclipRun:
         self.optimizer = build_optimizer(params, OptimConfig(), dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=False)  # the trainer's, outside fp16
         self.params = [p for _, p in params]
-        self.mask_ratio = self.strategy.mask_ratio_at(0.0)
+        self.mask_ratio = self.strategy.phases()[0][1]  # the first phase's
         if hasattr(self.model.visual, "mask_ratio"):
             self.model.set_mask_ratio(self.mask_ratio)
         self.augment = self.strategy.augment(AugmentConfig.from_name("clip", image_size=image_size))

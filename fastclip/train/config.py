@@ -289,13 +289,11 @@ class TrainConfig:
 def _all_keys(cls, prefix: str = "") -> list:
     out = []
     for f in fields(cls):
-        t = f.type if isinstance(f.type, type) else None
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             out.extend(_all_keys(type(default), f"{prefix}{f.name}."))
         else:
             out.append(f"{prefix}{f.name}")
-        del t
     return out
 
 

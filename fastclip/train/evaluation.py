@@ -90,8 +90,6 @@ def make_eval_callback(cfg: EvalConfig, image_size: int, tokenizer, device, auto
                           with_labels=with_labels, shuffle=0, num_threads=num_threads, backend=backend,
                           device=device, rank=0, world_size=1, worker=0, num_workers=1, warn=False)
 
-    classifier_cache = {}
-
     def evaluate(model) -> dict:
         from ..eval.retrieval import evaluate_retrieval
         from ..eval.zero_shot import evaluate_zero_shot, zero_shot_classifier
@@ -100,7 +98,6 @@ def make_eval_callback(cfg: EvalConfig, image_size: int, tokenizer, device, auto
             t = time.perf_counter()
             if kind == "zero_shot":
                 clf = zero_shot_classifier(model, classnames, templates, tokenizer, device=device)
-                classifier_cache["last"] = clf
                 metrics = evaluate_zero_shot(model, loader(shards, True), classnames, templates, tokenizer,
                                              device=device, classifier=clf, autocast_dtype=autocast_dtype,
                                              max_batches=max_batches)

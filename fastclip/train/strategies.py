@@ -182,15 +182,11 @@ class SlipHead(nn.Sequential):
             nn.Linear(hidden_dim, out_dim))
         self.dims = (in_dim, hidden_dim, out_dim)
 
-    def flops(self) -> float:
-        """Forward FLOPs per sample (GFLOPs)."""
-        i, h, o = self.dims
-        return 2.0 * (i * h + h * h + h * o) / 1e9
 
-
-def _pooled_dim(model) -> int:
-    v = model.config.vision_cfg
-    return model.config.embed_dim if v.is_resnet else v.width
+def _pooled_dim(config) -> int:
+    """Width of the image tower's pooled features (a ResNet's attention pool projects them already)."""
+    v = config.vision_cfg
+    return config.embed_dim if v.is_resnet else v.width
 
 
 def _pooled(model, images):
@@ -212,24 +208,26 @@ class Slip(Strategy):
         self.temperature = cfg.ssl_temperature
         self.hidden_dim, self.out_dim = cfg.ssl_hidden_dim, cfg.ssl_out_dim
         self._loss = SimCLRLoss(self.temperature)
-        self._head_flops = 0.0
 
     def augment(self, cfg):
         view = AugmentConfig.from_name("clip_aug", image_size=cfg.image_size)
         return AugmentConfig.from_name(cfg, extra_views=2, view=view,
                                        preset="simclr" if cfg.preset == "clip" else cfg.preset)
 
+    def head_dims(self, config) -> tuple:
+        """(in, hidden, out) of the head for a model ``config``: the configured sizes, else SLIP's
+        4096 / 256 at ViT-B width 768, scaled with the tower's width."""
+        width = _pooled_dim(config)
+        return (width, self.hidden_dim or _round_to(4096 * width / 768, 32, 64),
+                self.out_dim or _round_to(256 * width / 768, 16, 32))
+
     def build_modules(self, model):
-        width = _pooled_dim(model)
-        hidden = self.hidden_dim or _round_to(4096 * width / 768, 32, 64)
-        out = self.out_dim or _round_to(256 * width / 768, 16, 32)
-        head = SlipHead(width, hidden, out)
-        self._head_flops = head.flops()
-        return {"slip_head": head}
+        return {"slip_head": SlipHead(*self.head_dims(model.config))}
 
     def flops(self, config, mask_ratio):
-        image = model_flops(config, mask_ratio=mask_ratio).image
-        return 2 * 3.0 * (image + self._head_flops)
+        i, h, o = self.head_dims(config)
+        head = 2.0 * (i * h + h * h + h * o) / 1e9
+        return 2 * 3.0 * (model_flops(config, mask_ratio=mask_ratio).image + head)
 
     def encode(self, ctx, batch, out):
         views = batch.get("views") or []
@@ -283,14 +281,8 @@ class StrategyStack(Strategy):
         return out
 
     def phases(self):
-        found = [p.phases() for p in self.parts if p.phases() is not None]
+        found = [ph for ph in (p.phases() for p in self.parts) if ph is not None]
         return found[0] if found else [(1.0, 0.0)]
-
-    def mask_ratio_at(self, progress: float) -> float:
-        for end, ratio in self.phases():
-            if progress < end:
-                return ratio
-        return self.phases()[-1][1]
 
     def flops(self, config, mask_ratio):
         return sum(p.flops(config, mask_ratio) for p in self.parts)

@@ -168,15 +168,8 @@ class Trainer:
             if self.resume_payload["world_size"] != world:
                 raise CheckpointError(f"checkpoint {self.resume_path} was written with world_size="
                                       f"{self.resume_payload['world_size']}, this run has world_size={world}")
-        # Budget (needs the strategy's modules' sizes: build them on a meta-device model).
-        self.global_batch = cfg.data.batch_size
-        with torch.device("meta"):
-            from ..models import CLIP
-            probe = CLIP(dataclasses.replace(self.model_config))
-        self.strategy.build_modules(probe)
-        del probe
         self.budget = Budget(cfg.budget, phases, lambda r: self.strategy.flops(self.model_config, r),
-                             self.global_batch)
+                             cfg.data.batch_size)
         # Distributed, device.
         self.dist: DistInfo = init_distributed(torch.device("cuda" if cfg.device.startswith("cuda") or (
             cfg.device == "auto" and torch.cuda.is_available()) else "cpu"))

@@ -76,8 +76,9 @@ def test_strategy_costs_follow_fastclip_flops():
         from fastclip.models import CLIP
         model = CLIP(CLIPConfig.from_name("ViT-B-16"))
     head = slip.build_modules(model)["slip_head"]
-    assert head.dims == (768, 4096, 256)  # SLIP's head at ViT-B width
-    extra = 2 * 3 * (model_flops("ViT-B-16").image + head.flops())
+    assert head.dims == slip.parts[1].head_dims(cfg) == (768, 4096, 256)  # SLIP's head at ViT-B width
+    head_gflops = 2 * (768 * 4096 + 4096 * 4096 + 4096 * 256) / 1e9
+    extra = 2 * 3 * (model_flops("ViT-B-16").image + head_gflops)
     assert slip.flops(cfg, 0.0) == pytest.approx(3 * model_flops("ViT-B-16").total + extra)
 
 
