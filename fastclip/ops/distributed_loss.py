@@ -112,7 +112,7 @@ from .siglip_loss import siglip_loss
 from .siglip_loss import _run_reference as _run_siglip_reference
 
 __all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES",
-           "distributed_engine"]
+           "distributed_engine", "all_gather_with_grad"]
 
 CLIP_MODES = ("lean", "gather", "local")
 # Column statistic that switches off the column half of P = exp(z - r) + exp(z - c) (row-only CE).
@@ -361,6 +361,16 @@ class _GatherWithGrad(torch.autograd.Function):
         for q in range(layout.world):
             red.add(q, grad[layout.rows(q)].clone())
         return red.finish(), None, None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's rows of ``x`` [n, D] concatenated in group-rank order, [world * n, D], with a
+    backward that sums every rank's gradient of the result onto the owner's rows (the gather the
+    losses use; works on gloo, which has no reduce-scatter).  Every rank passes the same n."""
+    rank, size = _group_rank_and_size(group)
+    if size == 1:
+        return x
+    return _GatherWithGrad.apply(x, _Layout(rank, (x.shape[0],) * size), group)
 
 
 def _gathered(x, layout, group, *, with_grad: bool, keep_local: bool) -> torch.Tensor:

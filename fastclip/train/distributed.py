@@ -15,8 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_gather_with_grad", "agree", "gather_objects", "barrier",
-           "shutdown"]
+__all__ = ["DistInfo", "init_distributed", "agree", "gather_objects", "barrier", "shutdown"]
 
 
 @dataclass
@@ -53,33 +52,6 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
 def shutdown(info: DistInfo) -> None:
     if info.owned and dist.is_initialized():
         dist.destroy_process_group()
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns this
-    rank's rows (works on gloo, which has no reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        ctx.rows = (dist.get_rank(group) * x.shape[0], x.shape[0])
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        start, n = ctx.rows
-        return grad[start:start + n], None
-
-
-def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """[n, ...] on every rank -> [world * n, ...] in rank order, differentiable (every rank must pass
-    the same n)."""
-    return _GatherWithGrad.apply(x, group)
 
 
 def agree(flags: list, info: DistInfo) -> list:
