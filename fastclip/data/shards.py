@@ -48,6 +48,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
+from ..distributed.slots import split_slots
+
 __all__ = [
     "IMAGE_EXTS", "DataStats", "Sample", "expand_shards", "read_tar", "iter_shard",
     "ShardSource", "ShardWriter", "check_image_bytes", "image_mode", "image_dimensions", "RGB_MODES",
@@ -543,30 +545,6 @@ def iter_shard(path: str, shard_index: int = 0, stats: Optional[DataStats] = Non
 # ----------------------------------------------------------------------------------------------
 # Ranks, workers, shuffling
 # ----------------------------------------------------------------------------------------------
-def split_slots(rank: int = None, world_size: int = None, worker: int = None,
-                num_workers: int = None) -> tuple[int, int]:
-    """(slot, slots) of this reader: ranks from torch.distributed when initialised, workers from a
-    torch DataLoader worker's info when inside one; explicit arguments win."""
-    if rank is None or world_size is None:
-        try:
-            import torch.distributed as dist
-            ok = dist.is_available() and dist.is_initialized()
-        except Exception:  # a torch without distributed support
-            ok = False
-        rank = rank if rank is not None else (dist.get_rank() if ok else 0)
-        world_size = world_size if world_size is not None else (dist.get_world_size() if ok else 1)
-    if worker is None or num_workers is None:
-        from torch.utils.data import get_worker_info
-        info = get_worker_info()
-        worker = worker if worker is not None else (info.id if info else 0)
-        num_workers = num_workers if num_workers is not None else (info.num_workers if info else 1)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker must be in [0, num_workers={num_workers}), got {worker}")
-    return rank * num_workers + worker, world_size * num_workers
-
-
 def _shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """webdataset's buffer shuffle: fill ``size`` items, then emit a random one per new item."""
     if size <= 1:

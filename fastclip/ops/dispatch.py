@@ -11,12 +11,13 @@ backend that declares itself usable, so it never silently runs something wrong.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ..lazy import package_reason
 
 __all__ = ["Backend", "BackendError", "register", "backends", "select", "make_static_chooser", "package_status",
            "all_ops"]
@@ -28,14 +29,9 @@ class BackendError(RuntimeError):
     """No backend (or not the requested one) can run these inputs."""
 
 
-@functools.lru_cache(maxsize=None)
 def package_status(name: str) -> Optional[str]:
     """None if ``import name`` works, else the reason it does not (recorded, never raised)."""
-    try:
-        importlib.import_module(name)
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"cannot import {name}: {type(exc).__name__}: {exc}".strip()
-    return None
+    return package_reason(name)
 
 
 def env_flag(name: str, default: bool) -> bool:
