@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops._checks import _FLOATS
+from ..ops._checks import FLOATS
 from ..ops.patch_mask import num_kept
 from .attention import MultiheadSelfAttention
 from .patch_mask import PatchMasking
@@ -117,7 +117,7 @@ def check_images(images, image_size: int, channels: int = 3) -> None:
         raise ValueError(f"images must be {image_size} x {image_size} pixels (the model's image_size; pass "
                          f"image_size=... to create_model for another size), got "
                          f"{images.shape[2]} x {images.shape[3]} (shape {tuple(images.shape)})")
-    if images.dtype not in _FLOATS:
+    if images.dtype not in FLOATS:
         raise TypeError(f"images must be a floating tensor (normalised pixels), got {images.dtype}")
 
 

@@ -52,19 +52,18 @@ interpreter each tile costs a few numpy calls, so the blocks are as large as the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._clip_loss_triton import _device_ctx, _dot_precision, _pow2_clamp
+from ._triton_utils import (DTYPES, INTERPRET, LaunchConfig, check_runnable, device_ctx, dot_precision,  # noqa: F401
+                            pow2_clamp)
 
 __all__ = ["attention_fwd", "attention_bwd", "LaunchConfig", "default_config"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,19 +314,6 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-INTERPRET = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes (``None`` launchers pick them with ``default_config``; tests may force others)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -335,7 +321,7 @@ def block_d(head_dim: int) -> int:
 def default_config(kind: str, Lq: int, Lk: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """kind: "fwd", "bwd_dkdv" or "bwd_dq"."""
     if INTERPRET:
-        return LaunchConfig(_pow2_clamp(Lq, 16, 256), _pow2_clamp(Lk, 16, 256))
+        return LaunchConfig(pow2_clamp(Lq, 16, 256), pow2_clamp(Lk, 16, 256))
     bd = block_d(head_dim)
     small = dtype == torch.float32  # fp32 operands take twice the shared memory
     # Shared memory stays under sm86/sm89's 99 KB per block (fp32 tf32x3 dots need the most).
@@ -352,7 +338,7 @@ def _check(q, k, v, fn: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be 4-D [B, H, L, head_dim], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise TypeError(f"{fn}: q, k, v must share a dtype among float32/float16/bfloat16, got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -363,9 +349,7 @@ def _check(q, k, v, fn: str) -> None:
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[3] > 128:
         raise ValueError(f"{fn}: head_dim must be <= 128, got {q.shape[3]}")
-    if q.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError(f"{fn}: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
-                           "triton is first imported")
+    check_runnable(q, fn)
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -389,13 +373,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         return out.to(q.dtype), lse
     cfg = config or default_config("fwd", Lq, Lk, D, q.dtype)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    with _device_ctx(q):
+    with device_ctx(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, H, Lq, Lk, D,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             float(scale) * _LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D),
-            CAUSAL=bool(causal), UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
+            CAUSAL=bool(causal), UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(q.dtype), lse
 
@@ -426,9 +410,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     c_kv = config_dkdv or default_config("bwd_dkdv", Lq, Lk, D, q.dtype)
     c_q = config_dq or default_config("bwd_dq", Lq, Lk, D, q.dtype)
-    common = dict(UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype), CAUSAL=bool(causal), BLOCK_D=bd)
+    common = dict(UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype), CAUSAL=bool(causal), BLOCK_D=bd)
     qk_scale, sm_scale = float(scale) * _LOG2E, float(scale)
-    with _device_ctx(q):
+    with device_ctx(q):
         _attn_bwd_preprocess[(triton.cdiv(Lq, c_q.block_m), B * H)](
             out, do, delta, H, Lq, D, *_strides(out), *_strides(do), BLOCK_M=c_q.block_m, BLOCK_D=bd)
         _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, c_kv.block_n), B * H)](

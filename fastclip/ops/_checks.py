@@ -11,9 +11,9 @@ import torch
 
 Scalar = Union[float, int, torch.Tensor]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Devices a plain-PyTorch backend (reference, sdpa, gather) declares: it runs wherever torch does.
-_ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
+ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -27,7 +27,7 @@ def check_float_tensor(name: str, t, layout: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape(t)}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
 
 
@@ -66,7 +66,7 @@ def as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor, *, 
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must have exactly one element, got shape {_shape(value)}")
-        if value.dtype not in _FLOATS:
+        if value.dtype not in FLOATS:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")

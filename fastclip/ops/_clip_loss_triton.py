@@ -72,91 +72,28 @@ compiled ahead of time for sm_90 but never timed).  Target: fwd+bwd at N = 65536
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LaunchConfig", "clip_lse", "clip_softmax_grads"]
+from ._triton_utils import (
+    DTYPES,
+    INTERPRET,
+    LaunchConfig,
+    accumulate_pv,
+    check_runnable,
+    device_ctx,
+    dot_precision,
+    logits_tile,
+    pow2_clamp,
+    store_acc,
+)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared device helpers (also used by _siglip_loss_triton)
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_xm, stride_xd, stride_ym, stride_yd,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x[offs_m] @ y[offs_n].T as a [BLOCK_M, BLOCK_N] fp32 tile (masked rows/cols/D read as 0)."""
-    # int64 offsets: N * D (or D * stride for column-major inputs) may exceed 2**31.
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    y_cols = y_ptr + offs_n[None, :].to(tl.int64) * stride_ym
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        mask_d = dd < D
-        x = tl.load(x_rows + dd[None, :].to(tl.int64) * stride_xd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        yt = tl.load(y_cols + dd[:, None].to(tl.int64) * stride_yd,
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            yt = yt.to(tl.float32)
-        acc = tl.dot(x, yt, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
-                   stride_ym, stride_yd, stride_om, stride_od,
-                   BLOCK_DO: tl.constexpr, ACC_IN_REGS: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add p [BLOCK_M, BLOCK_N] @ y[offs_n] to the program's own output rows.
-
-    ACC_IN_REGS (D <= BLOCK_DO): into the register accumulator ``acc``, returned.
-    Otherwise: read-modify-write of the fp32 output rows in global memory, BLOCK_DO columns at a
-    time (``acc`` is returned untouched).
-    """
-    offs_d = tl.arange(0, BLOCK_DO)
-    y_rows = y_ptr + offs_n[:, None].to(tl.int64) * stride_ym
-    if ACC_IN_REGS:
-        y = tl.load(y_rows + offs_d[None, :].to(tl.int64) * stride_yd,
-                    mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-        if UPCAST:
-            y = y.to(tl.float32)
-        acc = tl.dot(p, y, acc, input_precision=DOT_PRECISION)
-    else:
-        o_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_om
-        for d0 in range(0, D, BLOCK_DO):
-            dd = d0 + offs_d
-            mask_d = dd < D
-            y = tl.load(y_rows + dd[None, :].to(tl.int64) * stride_yd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if UPCAST:
-                y = y.to(tl.float32)
-            o_ptrs = o_rows + dd[None, :] * stride_od
-            o_mask = mask_m[:, None] & mask_d[None, :]
-            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-            o = tl.dot(p, y, o, input_precision=DOT_PRECISION)
-            tl.store(o_ptrs, o, mask=o_mask)
-        # The next column block re-reads these rows, possibly from other threads of this program.
-        tl.debug_barrier()
-    return acc
-
-
-@triton.jit
-def _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_DO)
-    ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
-    tl.store(ptrs, acc, mask=mask_m[:, None] & (offs_d < D)[None, :])
+__all__ = ["LaunchConfig", "clip_lse", "clip_softmax_grads", "check_pair", "default_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +125,7 @@ def _clip_lse_kernel(a_ptr, b_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_su
         for cb in range(num_col_blocks):
             offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < K
-            z = _logits_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D,
+            z = logits_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, D,
                              stride_am, stride_ad, stride_bm, stride_bd,
                              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
             # z - max is exact near the max (Sterbenz); only then is it scaled to base 2 for exp2.
@@ -254,7 +191,7 @@ def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, o
         hy = tl.load(hi_y_ptr + offs_n, mask=mask_n, other=0.0)
         ly = tl.load(lo_y_ptr + offs_n, mask=mask_n, other=0.0)
         if TRANSPOSED:
-            zt = _logits_tile(y_ptr, x_ptr, offs_n, offs_m, mask_n, mask_m, D,
+            zt = logits_tile(y_ptr, x_ptr, offs_n, offs_m, mask_n, mask_m, D,
                               stride_ym, stride_yd, stride_xm, stride_xd,
                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, DOT_PRECISION) * scale
             pt = _two_sided_p(zt, hy, ly, hx, lx, mask_n[:, None] & mask_m[None, :])
@@ -262,49 +199,22 @@ def _softmax_grad_kernel(x_ptr, y_ptr, hi_x_ptr, lo_x_ptr, hi_y_ptr, lo_y_ptr, o
                 pt = pt.to(y_ptr.dtype.element_ty)  # tensor-core operand, as the chunked backend does
             p = tl.trans(pt)
         else:
-            z = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+            z = logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
                              stride_xm, stride_xd, stride_ym, stride_yd,
                              BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale
             p = _two_sided_p(z, hx, lx, hy, ly, mask_m[:, None] & mask_n[None, :])
             if not UPCAST:
                 p = p.to(y_ptr.dtype.element_ty)
-        acc = _accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
+        acc = accumulate_pv(p, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
                              stride_ym, stride_yd, stride_om, stride_od,
                              BLOCK_DO, ACC_IN_REGS, UPCAST, DOT_PRECISION)
     if ACC_IN_REGS:
-        _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
+        store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: launch configuration
 # ----------------------------------------------------------------------------------------------
-# @triton.jit decides at decoration time (TRITON_INTERPRET when this module was imported); ask it
-# rather than the environment, which may have changed since.
-INTERPRET = type(_clip_lse_kernel).__name__ == "InterpretedFunction"
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Block sizes and launch parameters (``None`` launchers pick them; tests force small ones).
-
-    block_m/block_n: tile of z; block_d: reduction chunk of the logits product; block_do: output
-    chunk of the gradient kernels (D <= block_do keeps the accumulator in registers); max_programs:
-    cap on K1's persistent programs (0: automatic).
-    """
-
-    block_m: int
-    block_n: int
-    block_d: int
-    block_do: int
-    num_warps: int = 4
-    num_stages: int = 2
-    max_programs: int = 0
-
-
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 def default_config(kind: str, M: int, K: int, D: int, dtype: torch.dtype) -> LaunchConfig:
     """Launch configuration for kind "lse" (K1), "grad" (K2/K3) or "siglip".
 
@@ -316,8 +226,8 @@ def default_config(kind: str, M: int, K: int, D: int, dtype: torch.dtype) -> Lau
     K2/K3 sum each logit in the same order (the statistics then match the recomputed tiles).
     """
     if INTERPRET:
-        bmn = _pow2_clamp(max(M, K), 16, 64)
-        bd = _pow2_clamp(D, 16, 256)
+        bmn = pow2_clamp(max(M, K), 16, 64)
+        bd = pow2_clamp(D, 16, 256)
         return LaunchConfig(bmn, bmn, bd, bd, max_programs=2)
     lowp = dtype != torch.float32  # fp32 tiles take twice the shared memory and registers
     if kind == "lse":
@@ -354,16 +264,6 @@ def _num_persistent(n_row_blocks: int, device: torch.device, cfg: LaunchConfig) 
     return max(1, min(n_row_blocks, cap))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Ignored for fp16/bf16 operands; fp32 operands: tf32x3 keeps ~fp32 accuracy on tensor cores.
-    return "tf32x3" if dtype == torch.float32 and not INTERPRET else "ieee"
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> None:
     """Validate the two feature matrices of a launcher (the public API has checked them already)."""
     if a.dim() != 2 or b.dim() != 2:
@@ -371,14 +271,12 @@ def check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> None:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{fn}: a and b must have the same feature dim D, "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in _DTYPES:
+    if a.dtype != b.dtype or a.dtype not in DTYPES:
         raise TypeError(f"{fn}: a and b must share a dtype among float32/float16/bfloat16, "
                         f"got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{fn}: a and b must be on the same device, got {a.device} and {b.device}")
-    if a.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError(f"{fn}: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
-                           "triton is first imported")
+    check_runnable(a, fn)
 
 
 def _check_vec(v: torch.Tensor, n: int, name: str, fn: str, like: torch.Tensor) -> None:
@@ -422,13 +320,13 @@ def clip_lse(a: torch.Tensor, b: torch.Tensor, scale: float, *,
     row_sum = torch.empty(M, device=dev, dtype=f32)
     col_max = torch.full((n_prog, K), -math.inf, device=dev, dtype=f32)
     col_sum = torch.zeros((n_prog, K), device=dev, dtype=f32)
-    with _device_ctx(a):
+    with device_ctx(a):
         _clip_lse_kernel[(n_prog,)](
             a, b, row_max, row_sum, col_max, col_sum,
             M, K, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1), col_max.stride(0),
             float(scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-            UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype),
+            UPCAST=INTERPRET, DOT_PRECISION=dot_precision(a.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # Merge the P partial rows: every program swept every column, so each max is finite, and
     # partial max - global max is exact where the term matters.
@@ -449,14 +347,14 @@ def _launch_grad(x, y, stat_x, stat_y, scale, cfg: LaunchConfig, transposed: boo
         return out.zero_()
     hi_x, lo_x = _hi_lo(stat_x)
     hi_y, lo_y = _hi_lo(stat_y)
-    with _device_ctx(x):
+    with device_ctx(x):
         _softmax_grad_kernel[(triton.cdiv(M, cfg.block_m),)](
             x, y, hi_x, lo_x, hi_y, lo_y, out,
             M, K, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
             float(scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
             ACC_IN_REGS=in_regs, TRANSPOSED=transposed,
-            UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+            UPCAST=INTERPRET, DOT_PRECISION=dot_precision(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import INTERPRET, check_runnable, device_ctx
+
 __all__ = ["gather_rows", "scatter_rows"]
 
 
@@ -48,9 +50,6 @@ def _row_copy_kernel(src_ptr, idx_ptr, dst_ptr, R, C, total_rows,
     tl.store(dst_ptr + (b * stride_db + dst_row * stride_dr)[:, None] + cols[None, :] * stride_dc, vals, mask=mask)
 
 
-INTERPRET = type(_row_copy_kernel).__name__ == "InterpretedFunction"
-
-
 def _blocks(total_rows: int, C: int) -> tuple[int, int, int]:
     if INTERPRET:  # few, large tiles: each costs a few numpy calls
         return min(256, triton.next_power_of_2(max(total_rows, 1))), min(1024, triton.next_power_of_2(C)), 4
@@ -65,9 +64,7 @@ def _check(x: torch.Tensor, src: torch.Tensor, fn: str) -> None:
         raise TypeError(f"{fn}: src must be int64 or int32, got {src.dtype}")
     if src.device != x.device:
         raise ValueError(f"{fn}: src must be on x's device {x.device}, got {src.device}")
-    if x.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError(f"{fn}: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before "
-                           "triton is first imported")
+    check_runnable(x, fn)
 
 
 def _launch(src_t, idx, dst, R, C, scatter):
@@ -77,13 +74,9 @@ def _launch(src_t, idx, dst, R, C, scatter):
         return
     br, bc, warps = _blocks(total, C)
     grid = (triton.cdiv(total, br), triton.cdiv(C, bc))
-    ctx = torch.cuda.device(dst.device) if dst.device.type == "cuda" else None
     args = (src_t, idx, dst, R, C, total, *src_t.stride(), *idx.stride(), *dst.stride())
-    if ctx is None:
+    with device_ctx(dst):
         _row_copy_kernel[grid](*args, SCATTER=scatter, BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
-    else:
-        with ctx:
-            _row_copy_kernel[grid](*args, SCATTER=scatter, BLOCK_R=br, BLOCK_C=bc, num_warps=warps)
 
 
 def gather_rows(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

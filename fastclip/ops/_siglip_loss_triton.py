@@ -40,16 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._clip_loss_triton import (
+from ._clip_loss_triton import check_pair, default_config
+from ._triton_utils import (
     INTERPRET,
     LaunchConfig,
-    _accumulate_pv,
-    _device_ctx,
-    _dot_precision,
-    _logits_tile,
-    _store_acc,
-    check_pair,
-    default_config,
+    accumulate_pv,
+    device_ctx,
+    dot_precision,
+    logits_tile,
+    store_acc,
 )
 
 __all__ = ["siglip_sweep"]
@@ -87,7 +86,7 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
     for cb in range(num_col_blocks):
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < K
-        z2 = _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
+        z2 = logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D,
                           stride_xm, stride_xd, stride_ym, stride_yd,
                           BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION) * scale_log2 + bias_log2
         valid = mask_m[:, None] & mask_n[None, :]
@@ -102,7 +101,7 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
                 sig_rows += tl.sum(sig, axis=1)
             if not UPCAST:
                 sig = sig.to(y_ptr.dtype.element_ty)  # tensor-core operand, as the chunked backend does
-            acc = _accumulate_pv(sig, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
+            acc = accumulate_pv(sig, y_ptr, out_ptr, acc, offs_m, offs_n, mask_m, mask_n, D,
                                  stride_ym, stride_yd, stride_om, stride_od,
                                  BLOCK_DO, ACC_IN_REGS, UPCAST, DOT_PRECISION)
     if COMPUTE_SUMS:
@@ -110,14 +109,14 @@ def _siglip_sweep_kernel(x_ptr, y_ptr, out_ptr, row_sp_ptr, row_sig_ptr,
         if COMPUTE_GRAD:
             tl.store(row_sig_ptr + offs_m, sig_rows, mask=mask_m)
     if COMPUTE_GRAD and ACC_IN_REGS:
-        _store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
+        store_acc(out_ptr, acc, offs_m, mask_m, D, stride_om, stride_od, BLOCK_DO)
 
 
 def _launch(x, y, out, row_sp, row_sig, scale, bias, cfg, sums: bool, grad: bool) -> None:
     M, D = x.shape
     K = y.shape[0]
     o = out if out is not None else row_sp  # unused pointer when not grad
-    with _device_ctx(x):
+    with device_ctx(x):
         _siglip_sweep_kernel[(triton.cdiv(M, cfg.block_m),)](
             x, y, o, row_sp, row_sig if row_sig is not None else row_sp,
             M, K, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -125,7 +124,7 @@ def _launch(x, y, out, row_sp, row_sig, scale, bias, cfg, sums: bool, grad: bool
             float(scale) * _LOG2E, float(bias) * _LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
             COMPUTE_SUMS=sums, COMPUTE_GRAD=grad, ACC_IN_REGS=D <= cfg.block_do,
-            UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+            UPCAST=INTERPRET, DOT_PRECISION=dot_precision(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

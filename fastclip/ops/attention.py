@@ -5,7 +5,7 @@
 exactly like ``torch.nn.functional.scaled_dot_product_attention`` (same layout, same top-left
 aligned causal mask when Lq != Lk, same boolean-mask convention: True = may attend).
 
-Backends, in automatic-selection order (see ``_auto_skip`` for what "auto" never picks):
+Backends, in automatic-selection order (each declares where "auto" may pick it: ``auto_devices``):
 
 =========== ======================= =============== ===============================================
 name        devices                 dtypes          notes
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import _ANY_DEVICE, _FLOATS, check_float_tensor
+from ._checks import ANY_DEVICE, FLOATS, check_float_tensor
 
 __all__ = [
     "attention",
@@ -241,30 +241,22 @@ dispatch.register(OP, dispatch.Backend(
     "flash_attn", _run_flash_attn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16),
     packages=("flash_attn",), check=_flash_check, doc="flash-attn 2 flash_attn_func (CUDA, fp16/bf16)"))
 dispatch.register(OP, dispatch.Backend(
-    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check,
+    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check, auto_devices=("cuda",),
     doc="fastclip's Triton flash attention; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register(OP, dispatch.Backend(
     "xformers", _run_xformers, devices=("cuda",), packages=("xformers.ops",), check=_xformers_check,
     doc="xformers memory_efficient_attention (CUDA)"))
 dispatch.register(OP, dispatch.Backend(
-    "sdpa", _run_sdpa, devices=_ANY_DEVICE, dtypes=_FLOATS,
+    "sdpa", _run_sdpa, devices=ANY_DEVICE, dtypes=FLOATS,
     doc="torch.nn.functional.scaled_dot_product_attention; runs everywhere, takes attn_mask"))
 dispatch.register(OP, dispatch.Backend(
-    "reference", _run_reference, devices=_ANY_DEVICE, dtypes=_FLOATS,
+    "reference", _run_reference, devices=ANY_DEVICE, dtypes=FLOATS, auto_devices=(),
     doc="materialised scores in fp32 (the test oracle)"))
 
 _FNS = {b.name: b.fn for b in dispatch.backends(OP)}
 
 
-def _auto_skip(device_type: str) -> tuple:
-    # Never the oracle.  Off CUDA: never the interpreter, and flash-attn/xformers cannot run, so
-    # they are skipped without importing them (a CPU-only install may have a broken build).
-    if device_type == "cuda":
-        return ("reference",)
-    return ("reference", "triton", "flash_attn", "xformers")
-
-
-_choose = dispatch.make_static_chooser(OP, _auto_skip, maxsize=512)
+_choose = dispatch.make_static_chooser(OP, maxsize=512)
 
 
 def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -304,7 +296,7 @@ def _check_inputs(q, k, v, attn_mask, scale) -> None:
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOATS:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOATS:
             raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:

@@ -7,6 +7,14 @@ that fits the inputs, or raises listing every backend's reason for refusing.
 Precedence: the ``backend=`` argument, then the ``FASTCLIP_BACKEND`` environment variable, then
 automatic selection.  An explicit choice that cannot run raises; automatic selection only picks a
 backend that declares itself usable, so it never silently runs something wrong.
+
+The automatic-selection policy is declared on the backend too: ``auto_devices`` lists the device
+types on which automatic selection may pick it (a test oracle declares none; a Triton backend only
+"cuda", since on CPU it would run through the test interpreter).  A backend skipped by the policy
+is not even checked, so a CPU-only machine never imports a CUDA-only package to refuse it.
+
+Every refusal starts with a description of the inputs (device, dtype, shapes and the op's static
+properties), then gives each backend's reasons.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import torch
 from ..lazy import package_reason
 
 __all__ = ["Backend", "BackendError", "register", "backends", "select", "make_static_chooser", "package_status",
-           "all_ops"]
+           "all_ops", "describe_inputs"]
 
 _ENV = "FASTCLIP_BACKEND"
 
@@ -64,7 +72,12 @@ def triton_device_reasons(device: Optional[torch.device], faster: str) -> list[s
 
 @dataclass
 class Backend:
-    """What a backend can run.  ``check`` returns extra reasons for specific inputs."""
+    """What a backend can run, and where automatic selection may pick it.
+
+    ``check`` returns extra reasons for specific inputs.  ``auto_devices``: the device types on
+    which automatic selection considers this backend (None: every type in ``devices``; ``()``:
+    explicit use only).  ``extra`` carries op-specific data, e.g. the loss backends' ``engine``
+    that the distributed loss runs."""
 
     name: str
     fn: Callable
@@ -74,6 +87,12 @@ class Backend:
     check: Optional[Callable[..., list[str]]] = None
     doc: str = ""
     extra: dict = field(default_factory=dict)
+    auto_devices: Optional[Sequence[str]] = None
+
+    def picked_automatically(self, device: Optional[torch.device]) -> bool:
+        """Whether automatic selection considers this backend for inputs on ``device``."""
+        allowed = self.devices if self.auto_devices is None else self.auto_devices
+        return bool(allowed) and (device is None or device.type in allowed)
 
     def reasons(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                 **inputs) -> list[str]:
@@ -115,14 +134,31 @@ def all_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def describe_inputs(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                    shapes: Sequence = (), **inputs) -> str:
+    """"inputs on cpu, float32, shapes (128, 512) and (128, 512), head_dim=64": how refusals begin."""
+    parts = []
+    if device is not None:
+        parts.append(f"on {device}")
+    if dtype is not None:
+        parts.append(str(dtype).replace("torch.", ""))
+    if shapes:
+        parts.append("shape" + ("s " if len(shapes) > 1 else " ")
+                     + " and ".join(str(tuple(s)) for s in shapes))
+    parts += [f"{k}={v}" for k, v in inputs.items()]
+    return "inputs " + ", ".join(parts) if parts else "these inputs"
+
+
 def select(op: str, backend: Optional[str] = "auto", *, device: Optional[torch.device] = None,
-           dtype: Optional[torch.dtype] = None, auto_skip: Sequence[str] = (), env: str = _ENV,
-           **inputs) -> Backend:
+           dtype: Optional[torch.dtype] = None, env: str = _ENV, shapes: Sequence = (), **inputs) -> Backend:
     """Pick the backend for ``op``.
 
     ``backend``: a backend name, or "auto"/None (then the environment variable ``env`` if set,
-    ``FASTCLIP_BACKEND`` by default, else the first usable backend that is not in ``auto_skip``).
-    Raises :class:`BackendError` with every reason.
+    ``FASTCLIP_BACKEND`` by default, else the first backend, in registration order, that the
+    policy lets automatic selection consider on ``device`` and that can run the inputs).
+    ``shapes`` (the input tensors' shapes) only describe the inputs in messages; ``inputs`` are
+    the op's static properties, passed to the backends' checks by keyword.
+    Raises :class:`BackendError` with every reason, after a description of the inputs.
     """
     candidates = backends(op)
     names = [b.name for b in candidates]
@@ -134,29 +170,34 @@ def select(op: str, backend: Optional[str] = "auto", *, device: Optional[torch.d
         chosen = candidates[names.index(requested)]
         why = chosen.reasons(device=device, dtype=dtype, **inputs)
         if why:
-            raise BackendError(f"{op}: backend {requested!r} ({source}) cannot run these inputs: " + "; ".join(why))
+            raise BackendError(f"{op} with {describe_inputs(device, dtype, shapes, **inputs)}: backend "
+                               f"{requested!r} ({source}) cannot run them: " + "; ".join(why))
         return chosen
     refusals = []
     for b in candidates:
-        if b.name in auto_skip:
-            refusals.append(f"  {b.name}: not chosen automatically ({b.doc or 'explicit use only'})")
+        if device is not None and device.type not in b.devices:  # said without importing its packages
+            refusals.append(f"  {b.name}: runs on {'/'.join(b.devices)}, inputs are on {device.type}")
+            continue
+        if not b.picked_automatically(device):
+            where = f" on {device.type}" if device is not None else ""
+            refusals.append(f"  {b.name}: not chosen automatically{where} ({b.doc or 'explicit use only'})")
             continue
         why = b.reasons(device=device, dtype=dtype, **inputs)
         if not why:
             return b
         refusals.append(f"  {b.name}: " + "; ".join(why))
-    raise BackendError(f"{op}: no backend can run these inputs:\n" + "\n".join(refusals))
+    raise BackendError(f"{op} with {describe_inputs(device, dtype, shapes, **inputs)}: no backend can run them:\n"
+                       + "\n".join(refusals))
 
 
-def make_static_chooser(op: str, auto_skip: Callable[[str], Sequence[str]], *,
-                        maxsize: int = 128) -> Callable[..., str]:
-    """A memoised, torch.compile-safe ``choose(backend, device, dtype, **inputs) -> str`` for ``op``.
+def make_static_chooser(op: str, *, maxsize: int = 128, env: str = _ENV) -> Callable[..., str]:
+    """A memoised, torch.compile-safe ``choose(backend, device, dtype, shapes=(), **inputs) -> str``
+    for ``op``: the name :func:`select` picks (or the error it raises), for ops called once per layer.
 
-    ``choose`` returns the name :func:`select` picks (or raises what it raises), with
-    ``auto_skip(device.type)`` as the backends automatic selection never picks.  ``inputs`` are
-    the op's static properties (head dims, flags): hashable Python constants, passed to the
-    backends' checks by keyword.  Results are cached per (backend, device, dtype, inputs,
-    ``FASTCLIP_BACKEND``, ``TRITON_INTERPRET``), so a change of environment is seen.
+    ``inputs`` are the op's static properties (head dims, flags): hashable Python constants,
+    passed to the backends' checks by keyword.  Results are cached per (backend, device, dtype,
+    inputs, the ``env`` variable, ``TRITON_INTERPRET``), so a change of environment is seen;
+    ``shapes`` only describe the inputs when no backend fits and are not part of the key.
 
     Under torch.compile the selection runs once at trace time through a function Dynamo treats as
     a constant (``torch.compiler.assume_constant_result``), so the dispatch never graph-breaks;
@@ -167,10 +208,10 @@ def make_static_chooser(op: str, auto_skip: Callable[[str], Sequence[str]], *,
     def cached(backend, device_type, device_index, dtype, env_backend, interpret, **inputs) -> str:
         # env_backend/interpret are part of the key only so that a change of environment is seen.
         device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
-        return select(op, backend, device=device, dtype=dtype, auto_skip=auto_skip(device_type), **inputs).name
+        return select(op, backend, device=device, dtype=dtype, env=env, **inputs).name
 
     def traced(backend: str, device_type: str, device_index: int, dtype_name: str, **inputs) -> str:
-        return cached(backend, device_type, device_index, getattr(torch, dtype_name), os.environ.get(_ENV, ""),
+        return cached(backend, device_type, device_index, getattr(torch, dtype_name), os.environ.get(env, ""),
                       triton_interpreter(), **inputs)
 
     # What torch.compiler.assume_constant_result sets (calling it would import torch._dynamo and
@@ -178,10 +219,17 @@ def make_static_chooser(op: str, auto_skip: Callable[[str], Sequence[str]], *,
     # a constant.  Its arguments are strings, ints and bools, which Dynamo passes as plain constants.
     traced._dynamo_marked_constant = True
 
-    def choose(backend: Optional[str], device: torch.device, dtype: torch.dtype, **inputs) -> str:
+    def choose(backend: Optional[str], device: torch.device, dtype: torch.dtype, shapes: Sequence = (),
+               **inputs) -> str:
         key = (backend or "auto", device.type, -1 if device.index is None else device.index)
         if torch.compiler.is_compiling():
             return traced(*key, str(dtype).replace("torch.", ""), **inputs)
-        return cached(*key, dtype, os.environ.get(_ENV, ""), triton_interpreter(), **inputs)
+        try:
+            return cached(*key, dtype, os.environ.get(env, ""), triton_interpreter(), **inputs)
+        except BackendError:
+            if not shapes:
+                raise
+        # the same refusal, now with the shapes of these inputs in its description (never cached)
+        return select(op, backend, device=device, dtype=dtype, env=env, shapes=shapes, **inputs).name
 
     return choose

@@ -88,28 +88,22 @@ fastclip.SigLipLoss with world_size > 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed.agreement import DEVICE_CODES, AgreementField, DistributedInputError, agree_inputs
+from ..distributed.collectives import GatherWithGrad, all_gather_with_grad, all_reduce_scalars, gather_blocks
+from ..distributed.collectives import BlockReducer, broadcast_block
+from ..distributed.group import Layout, check_group_device, group_rank_and_size
 from . import dispatch
-from ._checks import _FLOATS, as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
-from .clip_loss import (
-    STAT_DTYPE,
-    _acc_dtype,
-    _auto_skip,
-    _finish_grads,
-    _rowdot_sum,
-    _run_engine,
-    _run_reference,
-    clip_loss,
-    default_chunk_size,
-)
-from .siglip_loss import siglip_loss
-from .siglip_loss import _run_reference as _run_siglip_reference
+from ._checks import FLOATS, as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
+from .clip_loss import clip_loss, clip_loss_reference
+from .clip_loss import run_engine as run_clip_engine
+from .siglip_loss import siglip_loss, siglip_loss_reference
+from .tiles import STAT_DTYPE, acc_dtype, default_chunk_size, finish_clip_grads, rowdot_sum
 
 __all__ = ["distributed_clip_loss", "distributed_siglip_loss", "DistributedInputError", "CLIP_MODES",
            "distributed_engine", "all_gather_with_grad"]
@@ -120,140 +114,9 @@ CLIP_MODES = ("lean", "gather", "local")
 _NO_COLUMN_TERM = 1e30
 
 
-class DistributedInputError(ValueError):
-    """Raised on every rank of the group when any rank's inputs are invalid or the ranks disagree."""
-
-
 # ----------------------------------------------------------------------------------------------
-# Group helpers
+# Agreement (fastclip.distributed.agreement): what every rank must share before any data moves
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Layout:
-    """Who holds which global rows: counts[q] rows on group rank q, in rank order."""
-
-    rank: int
-    counts: tuple
-
-    @property
-    def world(self) -> int:
-        return len(self.counts)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def offset(self, q: int) -> int:
-        return sum(self.counts[:q])
-
-    def rows(self, q: int) -> slice:
-        o = self.offset(q)
-        return slice(o, o + self.counts[q])
-
-
-def _group_rank_and_size(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("the distributed loss needs torch.distributed initialised "
-                           "(torch.distributed.init_process_group, e.g. under torchrun)")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise RuntimeError("this process is not a member of the process group passed as `group`")
-    return rank, size
-
-
-def _global(group, q: int) -> int:
-    """Global rank of group rank q (collectives address ranks globally)."""
-    return q if group is None or group is dist.group.WORLD else dist.get_global_rank(group, q)
-
-
-def _backend_name(group) -> str:
-    return str(dist.get_backend(group)).lower()
-
-
-def _stat_device(group) -> torch.device:
-    # Chosen from the group's backend alone, never from this rank's inputs: in a mixed group
-    # ("cpu:gloo,cuda:nccl") a rank given CPU features and one given CUDA features would otherwise
-    # enter the agreement through different backends and wait for each other forever.
-    backend = _backend_name(group)
-    if "gloo" in backend:
-        return torch.device("cpu")
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------------
-# Agreement: one small all-reduce before any data moves
-# ----------------------------------------------------------------------------------------------
-_DEVICE_CODES = {"cpu": 1, "cuda": 2}
-_MSG_BYTES = 480
-
-
-@dataclass
-class _Field:
-    name: str
-    value: float
-    exact: bool = True  # False: compare with a relative tolerance (logit_scale, logit_bias)
-    show: Optional[Sequence[str]] = None  # decode codes for the message
-
-
-def _describe(field: _Field, v: float) -> str:
-    if field.show is not None:
-        k = round(v)
-        return field.show[k] if 0 <= k < len(field.show) else str(k)
-    return f"{v:g}" if not float(v).is_integer() or field.exact is False else str(int(v))
-
-
-def _agree(op: str, group, error: Optional[BaseException], n: int, fields: Sequence[_Field], width: int,
-           like) -> tuple:
-    """All-reduce every rank's (error flag, rows, fields); raise on every rank if any rank is invalid
-    or the ranks disagree.  Returns the per-rank row counts.
-
-    ``width`` (the number of fields) is fixed per op: a rank whose inputs failed its local checks
-    has no fields to send but must still send a table of the same size."""
-    rank, size = _group_rank_and_size(group)
-    dev = _stat_device(group)
-    if error is None and len(fields) != width:
-        raise AssertionError(f"{op}: {len(fields)} agreement fields, expected {width}")
-    table = torch.zeros(size, 2 + width, dtype=torch.float64, device=dev)
-    if error is None:
-        table[rank, 1] = n
-        table[rank, 2:] = torch.tensor([f.value for f in fields], dtype=torch.float64)
-    else:
-        table[rank, 0] = 1.0
-    dist.all_reduce(table, group=group)
-    table = table.cpu()
-    bad = [q for q in range(size) if table[q, 0] > 0]
-    if bad:
-        # Every rank saw the same flags, so every rank takes part in this second exchange.
-        msg = torch.zeros(size, _MSG_BYTES, dtype=torch.int32, device=dev)
-        if error is not None:
-            raw = f"{type(error).__name__}: {error}".encode()[:_MSG_BYTES]
-            msg[rank, :len(raw)] = torch.tensor(list(raw), dtype=torch.int32)
-        dist.all_reduce(msg, group=group)
-        msg = msg.cpu()
-        lines = []
-        for q in bad:
-            text = bytes(int(x) for x in msg[q] if x != 0).decode("utf-8", errors="replace")
-            lines.append(f"  rank {q}: {text}")
-        exc = DistributedInputError(
-            f"{op}: invalid inputs on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
-            f"of {size}; every rank raises this error and no data was exchanged:\n" + "\n".join(lines))
-        raise exc from error
-    for k, f in enumerate(fields):
-        col = table[:, 2 + k]
-        ref = col[0].item()
-        if f.exact:
-            same = bool((col == ref).all())
-        else:
-            same = bool(((col - ref).abs() <= 1e-6 * max(abs(ref), 1.0)).all())
-        if not same:
-            vals = ", ".join(f"rank {q}: {_describe(f, col[q].item())}" for q in range(size))
-            raise DistributedInputError(
-                f"{op}: {f.name} must be the same on every rank of the group, got {vals}; every rank "
-                "raises this error and no data was exchanged")
-    return tuple(round(c) for c in table[:, 1].tolist())
-
-
 _N_COMMON = 10  # fields from _common_fields
 _N_CLIP_FIELDS = _N_COMMON + 4
 _N_SIGLIP_FIELDS = _N_COMMON + 1
@@ -261,132 +124,33 @@ _N_SIGLIP_FIELDS = _N_COMMON + 1
 
 def _common_fields(a, b, scale_t, bias_t, has_bias: bool) -> list:
     grad = torch.is_grad_enabled()
-    dtypes = [str(d).replace("torch.", "") for d in _FLOATS]
+    dtypes = [str(d).replace("torch.", "") for d in FLOATS]
     return [
-        _Field("feature dimension D", a.shape[1]),
-        _Field("dtype", _FLOATS.index(a.dtype), show=dtypes),
-        _Field("device type", _DEVICE_CODES.get(a.device.type, 9), show=["?", "cpu", "cuda"]),
-        _Field("image_features.requires_grad", float(grad and a.requires_grad), show=["False", "True"]),
-        _Field("text_features.requires_grad", float(grad and b.requires_grad), show=["False", "True"]),
-        _Field("logit_scale.requires_grad", float(grad and scale_t.requires_grad), show=["False", "True"]),
-        _Field("logit_bias given", float(has_bias), show=["False", "True"]),
-        _Field("logit_bias.requires_grad", float(grad and bias_t is not None and bias_t.requires_grad),
-               show=["False", "True"]),
-        _Field("logit_scale", float(scale_t.detach()), exact=False),
-        _Field("logit_bias", float(bias_t.detach()) if bias_t is not None else 0.0, exact=False),
+        AgreementField("feature dimension D", a.shape[1]),
+        AgreementField("dtype", FLOATS.index(a.dtype), show=dtypes),
+        AgreementField("device type", DEVICE_CODES.get(a.device.type, 9), show=["?", "cpu", "cuda"]),
+        AgreementField("image_features.requires_grad", float(grad and a.requires_grad), show=["False", "True"]),
+        AgreementField("text_features.requires_grad", float(grad and b.requires_grad), show=["False", "True"]),
+        AgreementField("logit_scale.requires_grad", float(grad and scale_t.requires_grad), show=["False", "True"]),
+        AgreementField("logit_bias given", float(has_bias), show=["False", "True"]),
+        AgreementField("logit_bias.requires_grad", float(grad and bias_t is not None and bias_t.requires_grad),
+                       show=["False", "True"]),
+        AgreementField("logit_scale", float(scale_t.detach()), exact=False),
+        AgreementField("logit_bias", float(bias_t.detach()) if bias_t is not None else 0.0, exact=False),
     ]
 
 
-def _check_local_group(a, group, expect) -> None:
-    rank, size = _group_rank_and_size(group)
-    if expect is not None:
-        exp_rank, exp_world = expect
-        if exp_world != size or exp_rank != rank:
-            raise ValueError(f"the loss was built with rank={exp_rank}, world_size={exp_world}, but this "
-                             f"process is rank {rank} of a group of {size}")
-    backend = _backend_name(group)
-    if backend == "nccl" and a.device.type != "cuda":
-        raise ValueError(f"an NCCL process group needs CUDA features, got them on {a.device}")
-    if backend == "gloo" and a.device.type != "cpu":
-        # gloo's reduce (the gradient path) takes CPU tensors only
-        raise ValueError(f"a gloo process group needs CPU features, got them on {a.device}; use NCCL for "
-                         "CUDA tensors (or init_process_group(backend='cpu:gloo,cuda:nccl'))")
-
-
 # ----------------------------------------------------------------------------------------------
-# Moving feature blocks
+# open_clip's feature gather
 # ----------------------------------------------------------------------------------------------
-def _broadcast_block(blocks: list, q: int, x: torch.Tensor, layout: _Layout, group):
-    """Start the broadcast of group rank q's block; returns the Work (the buffer goes into blocks[q])."""
-    if q == layout.rank:
-        buf = x
-    else:
-        buf = torch.empty((layout.counts[q], x.shape[1]), dtype=x.dtype, device=x.device)
-    blocks[q] = buf
-    return dist.broadcast(buf, src=_global(group, q), group=group, async_op=True)
-
-
-def _gather_blocks(x: torch.Tensor, layout: _Layout, group) -> list:
-    """Every rank's block of x (no autograd), own block being x.detach() itself."""
-    x = x.detach().contiguous()
-    blocks = [None] * layout.world
-    works = [_broadcast_block(blocks, q, x, layout, group) for q in range(layout.world)]
-    for w in works:
-        w.wait()
-    return blocks
-
-
-class _Reducer:
-    """Sums per-block gradient shares onto their owners: one async ``reduce`` per block.  At most
-    ``depth`` shares are alive (depth 2: one transferring while the caller computes the next)."""
-
-    def __init__(self, layout: _Layout, group, depth: int = 2):
-        self.layout, self.group, self.depth = layout, group, depth
-        self.pending = []
-        self.own = None
-
-    def add(self, q: int, part: torch.Tensor) -> None:
-        part = part.contiguous()
-        work = dist.reduce(part, dst=_global(self.group, q), group=self.group, async_op=True)
-        self.pending.append((q, part, work))
-        while len(self.pending) >= self.depth:
-            self._retire()
-
-    def _retire(self) -> None:
-        q, part, work = self.pending.pop(0)
-        work.wait()
-        if q == self.layout.rank:
-            self.own = part  # the sum over ranks lands in the owner's buffer
-
-    def finish(self) -> torch.Tensor:
-        while self.pending:
-            self._retire()
-        return self.own
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward sums every rank's gradient onto the owner (torch.distributed.nn's
-    all_gather, as open_clip uses it, but for uneven blocks and any group)."""
-
-    @staticmethod
-    def forward(ctx, x, layout, group):
-        ctx.layout, ctx.group = layout, group
-        return torch.cat(_gather_blocks(x, layout, group), dim=0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        layout = ctx.layout
-        red = _Reducer(layout, ctx.group)
-        for q in range(layout.world):
-            red.add(q, grad[layout.rows(q)].clone())
-        return red.finish(), None, None
-
-
-def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Every rank's rows of ``x`` [n, D] concatenated in group-rank order, [world * n, D], with a
-    backward that sums every rank's gradient of the result onto the owner's rows (the gather the
-    losses use; works on gloo, which has no reduce-scatter).  Every rank passes the same n."""
-    rank, size = _group_rank_and_size(group)
-    if size == 1:
-        return x
-    return _GatherWithGrad.apply(x, _Layout(rank, (x.shape[0],) * size), group)
-
-
 def _gathered(x, layout, group, *, with_grad: bool, keep_local: bool) -> torch.Tensor:
     """open_clip's gather_features for one tower (uneven blocks allowed)."""
     if with_grad:
-        return _GatherWithGrad.apply(x, layout, group)
-    blocks = _gather_blocks(x, layout, group)
+        return GatherWithGrad.apply(x, layout, group)
+    blocks = gather_blocks(x, layout, group)
     if keep_local:  # open_clip puts the local features back so that they keep their gradient
         blocks[layout.rank] = x
     return torch.cat(blocks, dim=0)
-
-
-def _scalar_allreduce(values: Sequence, group, device) -> list:
-    t = torch.stack([torch.as_tensor(v, dtype=STAT_DTYPE, device=device).reshape(()) for v in values])
-    dist.all_reduce(t, group=group)
-    return list(t.unbind(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,11 +165,11 @@ class DistributedClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale_t, eps, chunk, engine, layout, group):
         P, r, N = layout.world, layout.rank, layout.total
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s = float(scale_t)
         b_own = b.detach().contiguous()
         blocks = [None] * P
-        works = [_broadcast_block(blocks, q, b_own, layout, group) for q in range(P)]
+        works = [broadcast_block(blocks, q, b_own, layout, group) for q in range(P)]
         row_lse = None
         col_part = torch.empty(N, dtype=STAT_DTYPE, device=a.device)
         for q in [r] + [q for q in range(P) if q != r]:  # own block first, the others as they arrive
@@ -419,7 +183,7 @@ class DistributedClipLossFunction(torch.autograd.Function):
         works[r].wait()  # our own block's broadcast (it only reads b_own)
         col_max = col_part.clone()
         dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=group)
-        diag = _rowdot_sum(a, b_own, acc, chunk)
+        diag = rowdot_sum(a, b_own, acc, chunk)
         parts = [torch.exp(col_part - col_max), row_lse.sum().reshape(1), diag.to(STAT_DTYPE).reshape(1)]
         if eps:
             parts += [a.sum(dim=0, dtype=STAT_DTYPE), b_own.sum(dim=0, dtype=STAT_DTYPE)]
@@ -446,14 +210,14 @@ class DistributedClipLossFunction(torch.autograd.Function):
         if not (need_a or need_b or need_s):  # the same on every rank: the agreement checked it
             return none
         P, r, N = layout.world, layout.rank, layout.total
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s = float(scale_t)
         blocks = list(others)
         blocks.insert(r, b.detach())
         shift = math.log(2 * N)  # folds the 1/(2N) of the two means into the exponent
         r_sh, c_sh = row_lse + shift, col_lse + shift
         ga = None
-        red = _Reducer(layout, group) if need_b else None
+        red = BlockReducer(layout, group) if need_b else None
         for q in range(P):  # the same order on every rank: the reduces must match
             ga_q, gb_q = engine.softmax_grads(a, blocks[q], s, r_sh, c_sh[layout.rows(q)], chunk,
                                               need_a or need_s, need_b)
@@ -462,12 +226,12 @@ class DistributedClipLossFunction(torch.autograd.Function):
             if need_b:
                 red.add(q, gb_q)
         gb = red.finish() if need_b else None
-        ds_local = _rowdot_sum(a, ga, acc, chunk) if need_s else 0.0
-        g_sum, dot_sum = _scalar_allreduce([grad_out, ds_local], group, a.device)
+        ds_local = rowdot_sum(a, ga, acc, chunk) if need_s else 0.0
+        g_sum, dot_sum = all_reduce_scalars([grad_out, ds_local], group, a.device)
         g = grad_out.to(acc)
         coef = (g_sum * s).to(acc)  # sum over ranks of the incoming gradients: see the contract
         ds = (dot_sum - lin_raw / N).to(acc) if need_s else None
-        grads = _finish_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=coef,
+        grads = finish_clip_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=coef,
                               w=(1.0 - eps) / N, smooth=eps / N / N, sa=sa, sb=sb)
         return grads + none[3:]
 
@@ -481,11 +245,11 @@ class _RowCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale_t, offset, eps, chunk, engine):
         M, K = a.shape[0], b.shape[0]
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s = float(scale_t)
         row_lse, _ = engine.lse(a, b, s, chunk)
         target = b[offset:offset + M]
-        lin_raw = (1.0 - eps) * _rowdot_sum(a, target, acc, chunk).to(STAT_DTYPE)
+        lin_raw = (1.0 - eps) * rowdot_sum(a, target, acc, chunk).to(STAT_DTYPE)
         sa = sb = None
         if eps:
             sa, sb = a.sum(dim=0, dtype=STAT_DTYPE), b.sum(dim=0, dtype=STAT_DTYPE)
@@ -505,13 +269,13 @@ class _RowCrossEntropy(torch.autograd.Function):
         if not (need_a or need_b or need_s):
             return none
         M, K = a.shape[0], b.shape[0]
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s = float(scale_t)
         g = grad_out.to(acc)
         no_col = torch.full((K,), _NO_COLUMN_TERM, dtype=row_lse.dtype, device=a.device)
         ga, gb = engine.softmax_grads(a, b, s, row_lse + math.log(M), no_col, chunk, need_a or need_s, need_b)
-        ds = _rowdot_sum(a, ga, acc, chunk) - (lin_raw / M).to(acc) if need_s else None
-        grads = _finish_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=g * s,
+        ds = rowdot_sum(a, ga, acc, chunk) - (lin_raw / M).to(acc) if need_s else None
+        grads = finish_clip_grads(ga if need_a else None, gb, ds, a, b, scale_t.dtype, g=g, coef=g * s,
                               w=(1.0 - eps) / M, smooth=eps / (M * K), sa=sa, sb=sb,
                               rows=slice(offset, offset + M))
         return grads + none[3:]
@@ -539,7 +303,7 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
         # needs: computed by the caller with grad mode (ctx.needs_input_grad ignores no_grad), the
         # same flags the agreement compared, so every rank takes the same collective path.
         P, r, N = layout.world, layout.rank, layout.total
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s, c = float(scale_t), float(bias_t)
         need = any(needs)
         b_own = b.detach().contiguous()
@@ -547,14 +311,14 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
 
         def start(q):
             if q < P:
-                works[q] = _broadcast_block(blocks, q, b_own, layout, group)
+                works[q] = broadcast_block(blocks, q, b_own, layout, group)
 
         start(0)
         start(1)
         total = torch.zeros((), dtype=STAT_DTYPE, device=a.device)
         sig_sum = torch.zeros((), dtype=STAT_DTYPE, device=a.device)
         ga = None
-        red = _Reducer(layout, group) if needs[1] else None
+        red = BlockReducer(layout, group) if needs[1] else None
         for q in range(P):  # the same order on every rank: broadcasts and reduces must match
             if q != r:
                 works[q].wait()
@@ -570,9 +334,9 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
                 if needs[1]:
                     red.add(q, gb_q)
         gb = red.finish() if needs[1] else None
-        diag = _rowdot_sum(a, b_own, acc, chunk)
-        ds_local = _rowdot_sum(a, ga, acc, chunk) if needs[2] else 0.0
-        total, diag, sig_sum, ds = _scalar_allreduce([total, diag, sig_sum, ds_local], group, a.device)
+        diag = rowdot_sum(a, b_own, acc, chunk)
+        ds_local = rowdot_sum(a, ga, acc, chunk) if needs[2] else 0.0
+        total, diag, sig_sum, ds = all_reduce_scalars([total, diag, sig_sum, ds_local], group, a.device)
         loss = (total - s * diag - N * c) / N
         if need:
             grads = [None] * 4
@@ -595,7 +359,7 @@ class DistributedSigLipLossFunction(torch.autograd.Function):
         ga, gb, gs, gc = ctx.grads
         out = [None] * 4
         if ga is not None or gb is not None:  # the same on every rank: the agreement checked it
-            (g_sum,) = _scalar_allreduce([grad_out], group, grad_out.device)
+            (g_sum,) = all_reduce_scalars([grad_out], group, grad_out.device)
             if ga is not None:
                 out[0] = (ga * g_sum.to(ga.dtype)).to(a_dtype)
             if gb is not None:
@@ -615,7 +379,7 @@ def distributed_engine(op: str, backend, device: torch.device, dtype: torch.dtyp
     """The engine the distributed loss runs for ``op``'s chosen backend: the backend's own
     ``extra["engine"]`` (None: the materialised reference twin).  A backend that declares none is
     refused: it must never fall back silently to the O(N^2) path across ranks."""
-    chosen = dispatch.select(op, backend, device=device, dtype=dtype, auto_skip=_auto_skip(device))
+    chosen = dispatch.select(op, backend, device=device, dtype=dtype)
     if "engine" not in chosen.extra:
         raise dispatch.BackendError(
             f"{op}: backend {chosen.name!r} declares no engine for the distributed loss (Backend.extra['engine']; "
@@ -665,6 +429,10 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
                                   label_smoothing=label_smoothing, expect=expect)
 
 
+def _clip_reference(a, b, scale_t, bias_t, eps):
+    return clip_loss_reference(a, b, scale_t.to(a.dtype), None if bias_t is None else bias_t.to(a.dtype), eps)
+
+
 def _check_clip_mode(mode, gather_with_grad) -> None:
     if mode not in CLIP_MODES:
         raise ValueError(f"mode must be one of {CLIP_MODES}, got {mode!r}")
@@ -677,7 +445,7 @@ def _check_clip_mode(mode, gather_with_grad) -> None:
 
 def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mode="lean", gather_with_grad=False,
                            backend="auto", chunk_size=None, label_smoothing=0.0, expect=None):
-    rank, size = _group_rank_and_size(group)
+    rank, size = group_rank_and_size(group)
     if size == 1 and expect is None:
         _check_clip_mode(mode, gather_with_grad)  # the same errors with one process as with many
         return clip_loss(a, b, logit_scale, logit_bias, backend=backend, chunk_size=chunk_size,
@@ -688,35 +456,36 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
         chunk = check_chunk_size(chunk_size)
         eps = check_label_smoothing(label_smoothing)
         _check_clip_mode(mode, gather_with_grad)
-        _check_local_group(a, group, expect)
+        check_group_device(a, group, expect)
         scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
         bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=False)
         engine = distributed_engine("clip_loss", backend, a.device, a.dtype)
         n = a.shape[0]
         fields = _common_fields(a, b, scale_t, bias_t, logit_bias is not None) + [
-            _Field("mode", CLIP_MODES.index(mode), show=CLIP_MODES),
-            _Field("gather_with_grad", float(gather_with_grad), show=["False", "True"]),
-            _Field("label_smoothing", eps),
-            _Field("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
+            AgreementField("mode", CLIP_MODES.index(mode), show=CLIP_MODES),
+            AgreementField("gather_with_grad", float(gather_with_grad), show=["False", "True"]),
+            AgreementField("label_smoothing", eps),
+            AgreementField("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
         ]
     except Exception as exc:  # reported to every rank by _agree
         error = exc
-    counts = _agree("distributed_clip_loss", group, error, n, fields, _N_CLIP_FIELDS, a)
-    layout = _Layout(rank, counts)
+    counts = agree_inputs("distributed_clip_loss", group, error, n, fields, _N_CLIP_FIELDS)
+    layout = Layout(rank, counts)
     chunk = chunk or default_chunk_size(a.device)
     if mode == "lean":
         if engine is None:  # the reference twin: autograd gathers + materialised logits
-            aa = _GatherWithGrad.apply(a, layout, group)
-            bb = _GatherWithGrad.apply(b, layout, group)
-            return _run_reference(aa, bb, scale_t, bias_t, eps, chunk)
+            aa = GatherWithGrad.apply(a, layout, group)
+            bb = GatherWithGrad.apply(b, layout, group)
+            return _clip_reference(aa, bb, scale_t, bias_t, eps)
         loss = DistributedClipLossFunction.apply(a, b, scale_t, eps, chunk, engine, layout, group)
     else:
         keep = mode == "gather"
         aa = _gathered(a, layout, group, with_grad=gather_with_grad, keep_local=keep)
         bb = _gathered(b, layout, group, with_grad=gather_with_grad, keep_local=keep)
         if mode == "gather":  # the single-process loss on the gathered batch, either backend
-            run = _run_reference if engine is None else _run_engine(engine)
-            return run(aa, bb, scale_t, bias_t, eps, chunk)
+            if engine is None:
+                return _clip_reference(aa, bb, scale_t, bias_t, eps)
+            return run_clip_engine(engine, aa, bb, scale_t, bias_t, eps, chunk)
         else:
             off = layout.offset(rank)
             if engine is None:
@@ -758,29 +527,29 @@ def distributed_siglip_loss(image_features: torch.Tensor, text_features: torch.T
 
 def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backend="auto", chunk_size=None,
                              expect=None):
-    rank, size = _group_rank_and_size(group)
+    rank, size = group_rank_and_size(group)
     if size == 1 and expect is None:
         return siglip_loss(a, b, logit_scale, logit_bias, backend=backend, chunk_size=chunk_size)
     error, fields, n = None, [], 0
     try:
         check_features(a, b)
         chunk = check_chunk_size(chunk_size)
-        _check_local_group(a, group, expect)
+        check_group_device(a, group, expect)
         scale_t = as_scalar_tensor(logit_scale, "logit_scale", a, required=True)
         bias_t = as_scalar_tensor(logit_bias, "logit_bias", a, required=True)
         engine = distributed_engine("siglip_loss", backend, a.device, a.dtype)
         n = a.shape[0]
         fields = _common_fields(a, b, scale_t, bias_t, True) + [
-            _Field("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
+            AgreementField("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
         ]
     except Exception as exc:  # reported to every rank by _agree
         error = exc
-    counts = _agree("distributed_siglip_loss", group, error, n, fields, _N_SIGLIP_FIELDS, a)
-    layout = _Layout(rank, counts)
+    counts = agree_inputs("distributed_siglip_loss", group, error, n, fields, _N_SIGLIP_FIELDS)
+    layout = Layout(rank, counts)
     if engine is None:
-        aa = _GatherWithGrad.apply(a, layout, group)
-        bb = _GatherWithGrad.apply(b, layout, group)
-        return _run_siglip_reference(aa, bb, scale_t, bias_t, chunk)
+        aa = GatherWithGrad.apply(a, layout, group)
+        bb = GatherWithGrad.apply(b, layout, group)
+        return siglip_loss_reference(aa, bb, scale_t.to(aa.dtype), bias_t.to(aa.dtype))
     needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
     return DistributedSigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine,
                                                layout, group, needs)

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import dispatch
-from ._checks import _ANY_DEVICE, _FLOATS, check_float_tensor
+from ._checks import ANY_DEVICE, FLOATS, check_float_tensor
 
 __all__ = [
     "patch_mask",
@@ -255,21 +255,17 @@ def _triton_check(device=None, dtype=None, **_):
 
 
 dispatch.register(OP, dispatch.Backend(
-    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check,
+    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check, auto_devices=("cuda",),
     doc="Triton row gather / scatter kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register(OP, dispatch.Backend(
-    "torch", _run_torch, devices=_ANY_DEVICE, dtypes=_FLOATS, doc="torch.gather; runs everywhere"))
+    "torch", _run_torch, devices=ANY_DEVICE, dtypes=FLOATS, doc="torch.gather; runs everywhere"))
 dispatch.register(OP, dispatch.Backend(
-    "reference", _run_reference, devices=_ANY_DEVICE, dtypes=_FLOATS, doc="per-sample indexing (the test oracle)"))
+    "reference", _run_reference, devices=ANY_DEVICE, dtypes=FLOATS, auto_devices=(), doc="per-sample indexing (the test oracle)"))
 
 _FNS = {b.name: b.fn for b in dispatch.backends(OP)}
 
 
-def _auto_skip(device_type: str) -> tuple:
-    return ("reference",) + (("triton",) if device_type != "cuda" else ())
-
-
-_choose = dispatch.make_static_chooser(OP, _auto_skip)
+_choose = dispatch.make_static_chooser(OP)
 
 
 def choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import as_scalar_tensor, check_chunk_size, check_features
-from .clip_loss import _acc_dtype, _auto_skip, _mm_dtype, _rowdot_sum, _tile_logits, _triton_check, default_chunk_size
+from .tiles import acc_dtype, default_chunk_size, mm_dtype, rowdot_sum, tile_logits
 
-__all__ = ["siglip_loss", "siglip_loss_reference", "SigLipLossFunction", "chunked_siglip_sweep"]
+__all__ = ["siglip_loss", "siglip_loss_reference", "SigLipLossFunction", "chunked_siglip_sweep", "ChunkedSweep",
+           "TritonSweep", "run_engine"]
 
 
 def siglip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
@@ -47,7 +48,7 @@ def chunked_siglip_sweep(a: torch.Tensor, b: torch.Tensor, scale: float, bias: f
     Returns (sum softplus(z), sigmoid(z) @ b or None, sigmoid(z).T @ a or None, sum sigmoid(z) or
     None), accumulated in fp32 (fp64 for fp64 inputs).
     """
-    acc, mmd = _acc_dtype(a), _mm_dtype(a)
+    acc, mmd = acc_dtype(a), mm_dtype(a)
     M, K = a.shape[0], b.shape[0]
     total = torch.zeros((), device=a.device, dtype=acc)
     ga = torch.zeros(a.shape, device=a.device, dtype=acc) if need_grads else None
@@ -58,7 +59,7 @@ def chunked_siglip_sweep(a: torch.Tensor, b: torch.Tensor, scale: float, bias: f
         a_blk = a[i:i + chunk].to(mmd)
         for j in range(0, K, chunk):
             b_blk = b[j:j + chunk].to(mmd)
-            z = _tile_logits(a_blk, b_blk, scale, acc).add_(bias)
+            z = tile_logits(a_blk, b_blk, scale, acc).add_(bias)
             t = buf[: z.numel()].view_as(z)
             # softplus returns z itself above `threshold`; exp(-20) is below fp32 resolution, fp64 needs 40.
             total += F.softplus(z, threshold=40.0 if acc == torch.float64 else 20.0).sum()
@@ -75,7 +76,9 @@ def chunked_siglip_sweep(a: torch.Tensor, b: torch.Tensor, scale: float, bias: f
     return total, ga, gb, sig_sum
 
 
-class _ChunkedSweep:
+class ChunkedSweep:
+    """The sweep on PyTorch tiles (CPU and CUDA)."""
+
     name = "chunked"
 
     @staticmethod
@@ -83,7 +86,9 @@ class _ChunkedSweep:
         return chunked_siglip_sweep(a, b, scale, bias, chunk, need_grads)
 
 
-class _TritonSweep:
+class TritonSweep:
+    """The sweep as a Triton kernel (imported on first use)."""
+
     name = "triton"
 
     @staticmethod
@@ -101,16 +106,16 @@ class SigLipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale_t, bias_t, chunk, engine, needs):
         n = a.shape[0]
-        acc = _acc_dtype(a)
+        acc = acc_dtype(a)
         s, c = float(scale_t), float(bias_t)
         need = any(needs)
         total, ga, gb, sig_sum = engine.sweep(a, b, s, c, chunk, need)
-        diag = _rowdot_sum(a, b, acc, chunk)
+        diag = rowdot_sum(a, b, acc, chunk)
         loss = (total - s * diag - n * c) / n
         if need:
             grads = [None] * 4
             if needs[2]:
-                grads[2] = ((_rowdot_sum(a, ga, acc, chunk) - diag) / n).to(scale_t.dtype)
+                grads[2] = ((rowdot_sum(a, ga, acc, chunk) - diag) / n).to(scale_t.dtype)
             if needs[3]:
                 grads[3] = ((sig_sum - n) / n).to(bias_t.dtype)
             if needs[0]:
@@ -134,27 +139,35 @@ def _run_reference(a, b, scale_t, bias_t, chunk):
     return siglip_loss_reference(a, b, scale_t.to(a.dtype), bias_t.to(a.dtype))
 
 
-def _run_engine(engine):
-    def run(a, b, scale_t, bias_t, chunk):
-        needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
-        return SigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine, needs)
-    return run
+def run_engine(engine, a, b, scale_t, bias_t, chunk: Optional[int]) -> torch.Tensor:
+    """The loss of (a, b) on ``engine`` (ChunkedSweep or TritonSweep) with checked 0-dim scalars."""
+    needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (a, b, scale_t, bias_t))
+    return SigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine, needs)
 
 
+def _backend_fn(engine):
+    return lambda a, b, scale_t, bias_t, chunk: run_engine(engine, a, b, scale_t, bias_t, chunk)
+
+
+def _triton_check(device=None, dtype=None, **_):
+    return dispatch.triton_device_reasons(device, faster="chunked")
+
+
+# extra["engine"]: what the distributed loss runs across ranks (None: the materialised reference).
 dispatch.register("siglip_loss", dispatch.Backend(
-    "triton", _run_engine(_TritonSweep), devices=("cuda", "cpu"), packages=("triton",),
+    "triton", _backend_fn(TritonSweep), devices=("cuda", "cpu"), packages=("triton",), auto_devices=("cuda",),
     check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
-    extra={"engine": _TritonSweep}))
+    extra={"engine": TritonSweep}))
 dispatch.register("siglip_loss", dispatch.Backend(
-    "chunked", _run_engine(_ChunkedSweep), devices=("cpu", "cuda"),
+    "chunked", _backend_fn(ChunkedSweep), devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA",
-    extra={"engine": _ChunkedSweep}))
+    extra={"engine": ChunkedSweep}))
 dispatch.register("siglip_loss", dispatch.Backend(
-    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
+    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="materialised N x N logits (O(N^2) memory); the test oracle",
-    extra={"engine": None}))  # the distributed loss runs the materialised oracle
+    extra={"engine": None}))
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
@@ -175,6 +188,6 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     chunk = check_chunk_size(chunk_size)
     scale_t = as_scalar_tensor(logit_scale, "logit_scale", image_features, required=True)
     bias_t = as_scalar_tensor(logit_bias, "logit_bias", image_features, required=True)
-    chosen = dispatch.select("siglip_loss", backend, device=image_features.device,
-                             dtype=image_features.dtype, auto_skip=_auto_skip(image_features.device))
+    chosen = dispatch.select("siglip_loss", backend, device=image_features.device, dtype=image_features.dtype,
+                             shapes=(image_features.shape, text_features.shape))
     return chosen.fn(image_features, text_features, scale_t, bias_t, chunk)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_chunk_size, check_float_tensor
-from .clip_loss import STAT_DTYPE, acc_dtype, default_chunk_size, mm_dtype
+from .tiles import STAT_DTYPE, acc_dtype, default_chunk_size, mm_dtype, rowdot_sum, sub_stat, tile_lse, tile_logits
 
 __all__ = [
     "simclr_loss",
@@ -75,35 +75,12 @@ def simclr_loss_reference(view1: torch.Tensor, view2: torch.Tensor, temperature:
 # ----------------------------------------------------------------------------------------------
 # Chunked engine: PyTorch tiles over the upper triangle (CPU and CUDA).
 # ----------------------------------------------------------------------------------------------
-def _tile(zi: torch.Tensor, zj: torch.Tensor, scale: float, acc: torch.dtype, diagonal: bool) -> torch.Tensor:
+def _masked_tile(zi: torch.Tensor, zj: torch.Tensor, scale: float, acc: torch.dtype, diagonal: bool) -> torch.Tensor:
     """scale * zi @ zj.T in ``acc``; on a diagonal tile (zi is zj) the self-pairs are -inf."""
-    t = torch.mm(zi, zj.T)
-    t = t.to(acc) if t.dtype != acc else t
-    t.mul_(scale)
+    t = tile_logits(zi, zj, scale, acc)
     if diagonal:
         t.diagonal().fill_(-math.inf)
     return t
-
-
-def _lse_parts(t: torch.Tensor, dim: int, work: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp of tile ``t`` along ``dim`` in STAT_DTYPE: its max (an exact logit) plus the
-    small log(sum exp(t - max)), added in fp64 so the fp32 tile costs no precision in the result.
-
-    A row that is all -inf (the 1 x 1 diagonal tile of a one-row block) gives -inf, not NaN."""
-    m = t.amax(dim=dim, keepdim=True)
-    m = m.masked_fill(m == -math.inf, 0.0)
-    s = torch.sub(t, m, out=work).exp_().sum(dim=dim).log_()
-    return m.squeeze(dim).to(STAT_DTYPE) + s.to(STAT_DTYPE)
-
-
-def _sub_stat(t: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = t - stat for an fp64 ``stat`` and an fp32 tile, applied as a high then a low part
-    (t - hi is exact where it matters, Sterbenz; lo is tiny), so exp(t - stat) keeps fp32 accuracy."""
-    if stat.dtype == t.dtype:
-        return torch.sub(t, stat, out=out)
-    hi = stat.to(t.dtype)
-    lo = (stat - hi.to(stat.dtype)).to(t.dtype)
-    return torch.sub(t, hi, out=out).sub_(lo)
 
 
 def simclr_lse(z: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
@@ -121,12 +98,12 @@ def simclr_lse(z: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
         for j in range(i, m, chunk):
             diagonal = j == i
             zj = zi if diagonal else z[j:j + chunk].to(mmd)
-            t = _tile(zi, zj, scale, acc, diagonal)
+            t = _masked_tile(zi, zj, scale, acc, diagonal)
             e = work[: t.numel()].view_as(t)
-            torch.logaddexp(ri, _lse_parts(t, 1, e), out=ri)
+            torch.logaddexp(ri, tile_lse(t, 1, e), out=ri)
             if not diagonal:
                 rj = r[j:j + chunk]
-                torch.logaddexp(rj, _lse_parts(t, 0, e), out=rj)
+                torch.logaddexp(rj, tile_lse(t, 0, e), out=rj)
     return r
 
 
@@ -168,24 +145,16 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
                 continue
             diagonal = j == i
             zj = zi if diagonal else z[j:j + chunk].to(mmd)
-            t = _tile(zi, zj, scale, acc, diagonal)
+            t = _masked_tile(zi, zj, scale, acc, diagonal)
             q = work[: t.numel()].view_as(t)
-            _sub_stat(t, ri, q).exp_()
-            q.add_(_sub_stat(t, r[j:j + chunk], t).exp_())
+            sub_stat(t, ri, q).exp_()
+            q.add_(sub_stat(t, r[j:j + chunk], t).exp_())
             qm = q if mmd == acc else q.to(mmd)
             if want_i:
                 accumulate(g[i:i + chunk], qm, zj)
             if want_j and not diagonal:
                 accumulate(g[j:j + chunk], qm.T, zi)
     return g
-
-
-def _positive_dot_sum(view1: torch.Tensor, view2: torch.Tensor, acc: torch.dtype, chunk: int) -> torch.Tensor:
-    """sum_k view1_k . view2_k in ``acc``, blockwise so low-precision inputs are never copied whole."""
-    total = torch.zeros((), device=view1.device, dtype=acc)
-    for i in range(0, view1.shape[0], chunk):
-        total += (view1[i:i + chunk].to(acc) * view2[i:i + chunk].to(acc)).sum()
-    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +174,7 @@ class SimCLRLossFunction(torch.autograd.Function):
         z = torch.cat([view1, view2])
         r = simclr_lse(z, s, chunk)
         # sum_i z_{i,pos(i)} = 2 s sum_k view1_k . view2_k (each positive pair appears twice)
-        pos = _positive_dot_sum(view1, view2, acc, chunk)
+        pos = rowdot_sum(view1, view2, acc, chunk)
         loss = r.sum().to(acc) / m - (2.0 * s / m) * pos
         ctx.save_for_backward(z, r)
         ctx.extra = (n, s, chunk)
@@ -249,13 +218,9 @@ dispatch.register("simclr_loss", dispatch.Backend(
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="PyTorch tiles over the symmetric upper triangle, O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("simclr_loss", dispatch.Backend(
-    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"),
+    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     doc="materialised 2N x 2N logits (O(N^2) memory); the test oracle"))
-
-# Automatic selection never picks the O(N^2) oracle.
-_AUTO_SKIP = ("reference",)
-
 
 def check_temperature(temperature) -> float:
     """``temperature`` as a Python float; it must be a finite real number > 0 (no tensors: the
@@ -323,5 +288,5 @@ def simclr_loss(view1: torch.Tensor, view2: torch.Tensor, temperature: float = 0
     temperature = check_temperature(temperature)
     chunk = check_chunk_size(chunk_size)
     chosen = dispatch.select("simclr_loss", backend, device=view1.device, dtype=view1.dtype,
-                             auto_skip=_AUTO_SKIP)
+                             shapes=(view1.shape, view2.shape))
     return chosen.fn(view1, view2, temperature, chunk)

@@ -241,7 +241,7 @@ class Slip(Strategy):
     def losses(self, ctx, feats, out):
         v1, v2 = feats["ssl_view1"], feats["ssl_view2"]
         if ctx.world_size > 1:
-            from ..ops.distributed_loss import all_gather_with_grad
+            from ..distributed import all_gather_with_grad
             v1, v2 = all_gather_with_grad(v1, ctx.group), all_gather_with_grad(v2, ctx.group)
         head = ctx.modules["slip_head"]
         dtype = head[0].weight.dtype  # the head runs in its parameters' precision (fp32 under autocast)

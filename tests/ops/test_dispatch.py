@@ -9,18 +9,53 @@ from fastclip.ops import clip_loss, dispatch, siglip_loss
 def test_auto_on_cpu_picks_chunked(op, monkeypatch):
     monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from fastclip.ops.clip_loss import _auto_skip
-    b = dispatch.select(op, "auto", device=torch.device("cpu"), dtype=torch.float32,
-                        auto_skip=_auto_skip(torch.device("cpu")))
+    b = dispatch.select(op, "auto", device=torch.device("cpu"), dtype=torch.float32)
     assert b.name == "chunked"
 
 
 def test_auto_never_picks_triton_interpreter_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from fastclip.ops.clip_loss import _auto_skip
-    b = dispatch.select("clip_loss", "auto", device=torch.device("cpu"), dtype=torch.float32,
-                        auto_skip=_auto_skip(torch.device("cpu")))
+    b = dispatch.select("clip_loss", "auto", device=torch.device("cpu"), dtype=torch.float32)
     assert b.name == "chunked"
+
+
+def test_policy_is_declared_on_every_backend():
+    """Automatic selection never considers a test oracle, nor a Triton backend off CUDA (where it
+    would run through the interpreter); the policy lives on the Backend record, for every op."""
+    import fastclip.ops  # noqa: F401  (registers every op)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for op in dispatch.all_ops():
+        for b in dispatch.backends(op):
+            if b.name == "reference":
+                assert not b.picked_automatically(cpu) and not b.picked_automatically(cuda), (op, b.name)
+            if "triton" in b.packages:
+                assert not b.picked_automatically(cpu) and b.picked_automatically(cuda), (op, b.name)
+
+
+def test_policy_skip_imports_nothing(monkeypatch):
+    """A backend the policy or its devices rule out is refused without checking its packages."""
+    checked = []
+    monkeypatch.setattr(dispatch, "package_status", lambda name: checked.append(name) or None)
+    dispatch.register("_policy_test_op", dispatch.Backend("gpu_only", lambda: None, devices=("cuda",),
+                                                          packages=("some_cuda_pkg",)))
+    dispatch.register("_policy_test_op", dispatch.Backend("plain", lambda: None, devices=("cpu",)))
+    try:
+        assert dispatch.select("_policy_test_op", device=torch.device("cpu"), dtype=torch.float32).name == "plain"
+        assert checked == []
+    finally:
+        dispatch._REGISTRY.pop("_policy_test_op")
+
+
+def test_refusal_starts_with_the_inputs():
+    a = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(dispatch.BackendError) as err:
+        clip_loss(a, a, 1.0, backend="triton")
+    assert str(err.value).startswith("clip_loss with inputs on cpu, float64, shapes (3, 8) and (3, 8): ")
+    with pytest.raises(dispatch.BackendError) as err:
+        dispatch.select("attention", "auto", device=torch.device("cpu"), dtype=torch.int8, shapes=[(1, 2, 3, 4)],
+                        head_dim=4)
+    assert str(err.value).startswith("attention with inputs on cpu, int8, shape (1, 2, 3, 4), head_dim=4: "
+                                     "no backend can run them")
 
 
 def test_explicit_triton_on_cpu_without_interpreter_explains(monkeypatch):

@@ -1,0 +1,178 @@
+"""The chunked engine shared by the contrastive losses: tiles of z = scale * A @ B.T in PyTorch.
+
+``clip_loss``, ``siglip_loss``, ``simclr_loss`` and the distributed losses never materialise their
+N x N logits.  They walk the matrix tile by tile with the pieces here, so that the precision rules
+are written once:
+
+* Matrix products run in :func:`mm_dtype` (fp32 on CPU, where BLAS is fastest and exact enough;
+  the input dtype on GPUs, where fp16/bf16 use the tensor cores; fp64 for fp64 inputs).
+* Tiles and gradients accumulate in :func:`acc_dtype` (fp32; fp64 for fp64 inputs).  A chunked
+  gradient is never accumulated in a low-precision dtype.
+* Log-sum-exp statistics are kept in :data:`STAT_DTYPE` (fp64): an fp32 lse of magnitude ~400
+  carries an ulp of 3e-5, which exp(z - lse) would turn into a 3e-5 relative error on every
+  probability.  The statistic vectors are O(N), so the precision is free.  A tile's lse is its max
+  (an exact logit) plus the small log(sum exp(z - max)), added in fp64 (:func:`tile_lse`); an fp64
+  statistic is applied to an fp32 tile as a high then a low part (:func:`sub_stat`): z - hi is
+  exact wherever it matters (Sterbenz: z within a factor 2 of hi) and lo is tiny, so the only
+  rounding left on a probability is the logit's own.  The distributed losses exchange their
+  statistics in the same dtype.
+
+CLIP's two passes (see ``fastclip.ops.clip_loss`` for the derivation): :func:`chunked_lse` gives
+row and column log-sum-exp, :func:`chunked_softmax_grads` recomputes every tile and accumulates
+P @ B and P.T @ A with P = exp(z - r) + exp(z - c), and :func:`finish_clip_grads` turns those
+into the gradients of the inputs (the target terms, label smoothing, the incoming gradient).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["STAT_DTYPE", "default_chunk_size", "mm_dtype", "acc_dtype", "tile_logits", "tile_lse", "sub_stat",
+           "rowdot_sum", "chunked_lse", "chunked_softmax_grads", "finish_clip_grads"]
+
+STAT_DTYPE = torch.float64
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """The default tile edge: 1024 on CPU (square tiles keep BLAS near its peak and the fp32 tile,
+    4 MB, in cache); 4096 on GPUs (larger tiles amortise launches; memory stays O(tile))."""
+    return 1024 if device.type == "cpu" else 4096
+
+
+def mm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the tiles' matrix products run in."""
+    if t.dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype tiles and gradients accumulate in (fp32; fp64 for fp64 inputs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def tile_logits(a_blk: torch.Tensor, b_blk: torch.Tensor, scale: float, acc: torch.dtype) -> torch.Tensor:
+    """scale * a_blk @ b_blk.T in ``acc`` (a new tensor the caller may modify in place)."""
+    z = torch.mm(a_blk, b_blk.T)
+    z = z.to(acc) if z.dtype != acc else z
+    return z.mul_(scale)
+
+
+def tile_lse(z: torch.Tensor, dim: int, work: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of tile ``z`` along ``dim`` in STAT_DTYPE; ``work`` is scratch of z's size.
+
+    A line that is all -inf (a masked self-pair tile of one row) gives -inf, not NaN."""
+    m = z.amax(dim=dim, keepdim=True)
+    m = m.masked_fill(m == -math.inf, 0.0)
+    s = torch.sub(z, m, out=work).exp_().sum(dim=dim).log_()
+    return m.squeeze(dim).to(STAT_DTYPE) + s.to(STAT_DTYPE)
+
+
+def sub_stat(z: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = z - stat, with an fp64 ``stat`` applied to an fp32 tile as a high then a low part."""
+    if stat.dtype == z.dtype:
+        return torch.sub(z, stat, out=out)
+    hi = stat.to(z.dtype)
+    lo = (stat - hi.to(stat.dtype)).to(z.dtype)
+    return torch.sub(z, hi, out=out).sub_(lo)
+
+
+def rowdot_sum(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, chunk: int) -> torch.Tensor:
+    """sum_i a_i . b_i in ``acc``, blockwise so low-precision inputs are never copied whole."""
+    total = torch.zeros((), device=a.device, dtype=acc)
+    for i in range(0, a.shape[0], chunk):
+        total += (a[i:i + chunk].to(acc) * b[i:i + chunk].to(acc)).sum()
+    return total
+
+
+def chunked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exp of z = scale * a @ b.T, tile by tile.
+
+    a: [M, D], b: [K, D] (M and K may differ: the distributed loss passes local rows against all
+    columns).  Returns (row_lse [M], col_lse [K]) in fp64; col_lse covers only the M rows given
+    (merge partials with a logsumexp).  2*M*K*D FLOPs, O((M + K) * D + chunk^2) memory.
+    """
+    acc, mmd = acc_dtype(a), mm_dtype(a)
+    M, K = a.shape[0], b.shape[0]
+    row_lse = torch.empty(M, device=a.device, dtype=STAT_DTYPE)
+    col_lse = torch.full((K,), -math.inf, device=a.device, dtype=STAT_DTYPE)
+    buf = torch.empty(min(chunk, M) * min(chunk, K), device=a.device, dtype=acc)
+    for i in range(0, M, chunk):
+        a_blk = a[i:i + chunk].to(mmd)
+        row_parts = []
+        for j in range(0, K, chunk):
+            z = tile_logits(a_blk, b[j:j + chunk].to(mmd), scale, acc)
+            e = buf[: z.numel()].view_as(z)
+            row_parts.append(tile_lse(z, 1, e))
+            torch.logaddexp(col_lse[j:j + chunk], tile_lse(z, 0, e), out=col_lse[j:j + chunk])
+        row_lse[i:i + chunk] = torch.logsumexp(torch.stack(row_parts), dim=0)
+    return row_lse, col_lse
+
+
+def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_lse: torch.Tensor,
+                          col_lse: torch.Tensor, chunk: int, *, need_a: bool = True,
+                          need_b: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(P @ b, P.T @ a) with P = exp(z - row_lse[:, None]) + exp(z - col_lse[None, :]).
+
+    z = scale * a @ b.T recomputed tile by tile; accumulation in acc_dtype (None where not
+    needed).  Callers fold the loss's averaging weights into row_lse/col_lse (lse + log(1/weight)).
+    The statistics may be fp64 (as chunked_lse returns them); they are applied with sub_stat.
+    2*M*K*D FLOPs for the recompute plus 2*M*K*D per requested output.
+    """
+    acc, mmd = acc_dtype(a), mm_dtype(a)
+    M, K = a.shape[0], b.shape[0]
+    ga = torch.zeros(a.shape, device=a.device, dtype=acc) if need_a else None
+    gb = torch.zeros(b.shape, device=a.device, dtype=acc) if need_b else None
+    buf = torch.empty(min(chunk, M) * min(chunk, K), device=a.device, dtype=acc)
+    for i in range(0, M, chunk):
+        a_blk = a[i:i + chunk].to(mmd)
+        r = row_lse[i:i + chunk].unsqueeze(1)
+        for j in range(0, K, chunk):
+            b_blk = b[j:j + chunk].to(mmd)
+            z = tile_logits(a_blk, b_blk, scale, acc)
+            p = buf[: z.numel()].view_as(z)
+            sub_stat(z, r, p).exp_()
+            p.add_(sub_stat(z, col_lse[j:j + chunk], z).exp_())
+            pm = p if mmd == acc else p.to(mmd)
+            if need_a:
+                if mmd == acc:
+                    ga[i:i + chunk].addmm_(pm, b_blk)
+                else:
+                    ga[i:i + chunk] += torch.mm(pm, b_blk).to(acc)
+            if need_b:
+                if mmd == acc:
+                    gb[j:j + chunk].addmm_(pm.T, a_blk)
+                else:
+                    gb[j:j + chunk] += torch.mm(pm.T, a_blk).to(acc)
+    return ga, gb
+
+
+def finish_clip_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, sb, rows=slice(None)):
+    """(grad_a, grad_b, grad_s): the last step of every CLIP backward, single-process and distributed.
+
+    ga = P @ b [M, D] and gb = P.T @ a [K, D] in accumulation precision, finished in place (None
+    where that input needs no gradient); ds = sum_i a_i.(P @ b)_i - lin / M, the raw dL/ds (None
+    where logit_scale needs none).  Row i of a is paired with row ``rows``[i] of b.  Subtracts the
+    target terms, w * b[rows] from ga and w * a from gb[rows] (w = (1 - eps) / M), and with label
+    smoothing (sa, sb given) smooth * sum b and smooth * sum a from every row; multiplies the
+    feature gradients by ``coef`` (the incoming gradient times s) and ds by ``g`` (the incoming
+    gradient), and casts each to its input's dtype.  w, smooth, coef and ds come from the callers,
+    which compute them in different precisions (the distributed losses hold fp64 statistics).
+    """
+    acc = acc_dtype(a)
+    grad_a = grad_b = grad_s = None
+    if ds is not None:
+        grad_s = (g * ds).to(scale_dtype)
+    if ga is not None:
+        ga.sub_(b[rows].to(acc), alpha=w)
+        if sb is not None:
+            ga.sub_((sb * smooth).to(acc))
+        grad_a = ga.mul_(coef).to(a.dtype)
+    if gb is not None:
+        gb[rows].sub_(a.to(acc), alpha=w)
+        if sa is not None:
+            gb.sub_((sa * smooth).to(acc))
+        grad_b = gb.mul_(coef).to(b.dtype)
+    return grad_a, grad_b, grad_s
