@@ -12,8 +12,12 @@ the PATH) at ``-O3`` into the cache directory (``$FASTCLIP_CACHE_DIR``, else
 compiler and the flags, and loads it with ctypes.  Concurrent processes each compile to a temporary
 file and rename it into place, so they never see a half-written library; a cached file that does
 not load is rebuilt once; a cache directory owned by another user or writable by everyone is
-refused.  ``FASTCLIP_NATIVE=0`` turns the native kernels off.  ``reason(name)`` is None when the
-library loads, else why not (compiled once per process, then remembered).
+refused.  ``FASTCLIP_NATIVE=0`` turns the native kernels off.
+
+``load(name)`` answers as :func:`fastclip.lazy.optional_module` does for a package: ``(library,
+None)`` or ``(None, reason)``, compiled or loaded once per process, then remembered (until
+:func:`reset`); ``library(name)`` and ``reason(name)`` are its two halves.  A backend checks and
+runs through the same answer, so it is never chosen on one verdict and run on another.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Optional
 
 from .ops.dispatch import env_flag
 
-__all__ = ["library", "reason", "cache_dir", "reset"]
+__all__ = ["load", "library", "reason", "cache_dir", "compiler", "reset"]
 
 _SRC = Path(__file__).parent / "csrc"
 _FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
@@ -50,7 +54,7 @@ def cache_dir() -> Path:
     return Path(base) / "fastclip"
 
 
-def _compiler() -> Optional[list]:
+def compiler() -> Optional[list]:
     """The compiler's argv (``$CC`` may carry arguments: ``ccache gcc``), or None."""
     cc = os.environ.get("CC")
     if cc:
@@ -105,7 +109,7 @@ def _build(name: str) -> tuple:
     source = _SRC / f"{name}.c"
     if not source.is_file():
         return None, f"{source} is missing from this installation"
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     directory = cache_dir()
@@ -140,8 +144,9 @@ def _build(name: str) -> tuple:
     return None, "; ".join(errors)
 
 
-def library(name: str) -> Optional[ctypes.CDLL]:
-    """The compiled ``csrc/<name>.c`` (built on first call), or None (see :func:`reason`)."""
+def load(name: str) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """``(library, None)`` when ``csrc/<name>.c`` is compiled and loaded (built on the first
+    call), else ``(None, reason)``.  Never raises: a failure is the reason."""
     got = _LOADED.get(name)
     if got is None:
         with _LOCK:
@@ -152,13 +157,17 @@ def library(name: str) -> Optional[ctypes.CDLL]:
                 except Exception as exc:  # anything unforeseen: recorded as the reason, never raised
                     got = (None, f"{type(exc).__name__}: {exc}")
                 _LOADED[name] = got
-    return got[0]
+    return got
+
+
+def library(name: str) -> Optional[ctypes.CDLL]:
+    """The compiled ``csrc/<name>.c`` (built on first call), or None (see :func:`reason`)."""
+    return load(name)[0]
 
 
 def reason(name: str) -> Optional[str]:
     """None when ``csrc/<name>.c`` is compiled and loaded, else why it is not."""
-    library(name)
-    return _LOADED[name][1]
+    return load(name)[1]
 
 
 def reset() -> None:

@@ -2,7 +2,6 @@
 it cannot run here (if it cannot)."""
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import sys
@@ -10,6 +9,7 @@ import sys
 import torch
 
 from . import __version__
+from .lazy import optional_module
 from .ops import dispatch
 
 _PACKAGES = ("torch", "numpy", "triton", "tokenizers", "ftfy", "regex", "PIL", "flash_attn", "xformers",
@@ -17,10 +17,9 @@ _PACKAGES = ("torch", "numpy", "triton", "tokenizers", "ftfy", "regex", "PIL", "
 
 
 def _version(name: str) -> str:
-    why = dispatch.package_status(name)
-    if why:
+    mod, why = optional_module(name)
+    if mod is None:
         return f"not usable ({why})"
-    mod = importlib.import_module(name)
     return str(getattr(mod, "__version__", "installed"))
 
 

@@ -13,7 +13,7 @@ import importlib
 from types import ModuleType
 from typing import Optional
 
-__all__ = ["optional_module", "require_module", "package_reason"]
+__all__ = ["optional_module", "require_module", "package_reason", "plotting"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,3 +41,17 @@ def require_module(name: str, purpose: str) -> ModuleType:
     if mod is None:
         raise ImportError(f"{purpose} needs the optional package {name!r}: {why}")
     return mod
+
+
+@functools.lru_cache(maxsize=None)
+def plotting() -> tuple[Optional[ModuleType], Optional[str]]:
+    """``(matplotlib.pyplot, None)`` set up for files (the Agg backend, no display needed), or
+    ``(None, reason)``."""
+    mpl, why = optional_module("matplotlib")
+    if mpl is None:
+        return None, why
+    try:
+        mpl.use("Agg", force=False)
+    except Exception as exc:  # a backend already chosen that cannot be switched: plot with it
+        del exc
+    return optional_module("matplotlib.pyplot")

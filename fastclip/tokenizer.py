@@ -45,13 +45,14 @@ import html
 import itertools
 import os
 import re
-import threading
 import unicodedata
 import warnings
 from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .lazy import optional_module, require_module
 
 __all__ = ["ClipTokenizer", "get_tokenizer", "clean_text", "default_bpe_path", "bytes_to_unicode",
            "DEFAULT_CONTEXT_LENGTH", "VOCAB_SIZE", "SOT_TOKEN", "EOT_TOKEN"]
@@ -103,47 +104,35 @@ def bytes_to_unicode() -> dict:
 # str.translate table taking a latin-1 decoded byte string to CLIP's byte-level symbols.
 _BYTE_SYMBOLS = {b: ord(c) for b, c in bytes_to_unicode().items()}
 
-_UNICODE_WORD = None
-_UNICODE_WORD_WHY: Optional[str] = None
-
-
+@functools.lru_cache(maxsize=None)
 def _unicode_word_regex():
-    """CLIP's pre-tokenisation regex compiled by the ``regex`` package (None if it is missing)."""
-    global _UNICODE_WORD, _UNICODE_WORD_WHY
-    if _UNICODE_WORD is None and _UNICODE_WORD_WHY is None:
-        try:
-            import regex
-            _UNICODE_WORD = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-                                          regex.IGNORECASE)
-        except Exception as exc:  # optional: the Rust pipeline gives the same ids, more slowly
-            _UNICODE_WORD_WHY = f"cannot import regex: {type(exc).__name__}: {exc}"
-    return _UNICODE_WORD
+    """CLIP's pre-tokenisation regex compiled by the ``regex`` package (None if it is missing:
+    optional, the Rust pipeline gives the same ids, more slowly)."""
+    regex, _ = optional_module("regex")
+    if regex is None:
+        return None
+    return regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------------------------
 # Clean-up
 # ----------------------------------------------------------------------------------------------
-_FTFY = None
-_FTFY_WHY: Optional[str] = None
-_FTFY_LOCK = threading.Lock()
+_FTFY_WARNED = False
 
 
 def _ftfy():
-    """ftfy.fix_text, or None (the reason is kept in ``_FTFY_WHY`` and warned about once)."""
-    global _FTFY, _FTFY_WHY
-    if _FTFY is None and _FTFY_WHY is None:
-        with _FTFY_LOCK:
-            if _FTFY is None and _FTFY_WHY is None:
-                try:
-                    import ftfy
-                    _FTFY = ftfy.fix_text
-                except Exception as exc:  # missing or broken install: degrade, say so
-                    _FTFY_WHY = f"cannot import ftfy: {type(exc).__name__}: {exc}"
-                    warnings.warn(f"fastclip.tokenizer: {_FTFY_WHY}; non-ASCII text is cleaned with NFC + "
-                                  "html.unescape only, so ids can differ from open_clip's on mojibake, "
-                                  "ligatures, full-width forms and curly quotes (pip install ftfy)",
-                                  RuntimeWarning, stacklevel=3)
-    return _FTFY
+    """ftfy.fix_text, or None (the reason is warned about once)."""
+    global _FTFY_WARNED
+    ftfy, why = optional_module("ftfy")
+    if ftfy is not None:
+        return ftfy.fix_text
+    if not _FTFY_WARNED:
+        _FTFY_WARNED = True
+        warnings.warn(f"fastclip.tokenizer: {why}; non-ASCII text is cleaned with NFC + "
+                      "html.unescape only, so ids can differ from open_clip's on mojibake, "
+                      "ligatures, full-width forms and curly quotes (pip install ftfy)",
+                      RuntimeWarning, stacklevel=3)
+    return None
 
 
 # ftfy 6's fixers and options: the no-op check below accounts for exactly these.  Another ftfy
@@ -222,11 +211,7 @@ def _read_merges(bpe_path: str) -> tuple:
 
 
 def _import_tokenizers():
-    try:
-        import tokenizers
-    except ImportError as exc:
-        raise ImportError("fastclip's tokenizer needs the `tokenizers` package (pip install tokenizers)") from exc
-    return tokenizers
+    return require_module("tokenizers", "fastclip's tokenizer (pip install tokenizers)")
 
 
 @functools.lru_cache(maxsize=4)

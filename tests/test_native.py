@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastclip import _native
-from fastclip.data.augment import AugmentConfig, augment_batch, draw_params
+from fastclip.ops import dispatch
+from fastclip.ops.augment import NATIVE_KERNEL, OP, AugmentOpConfig, augment_batch, draw_params
 
 POSIX = sys.platform != "win32"
 
@@ -18,7 +19,7 @@ POSIX = sys.platform != "win32"
 @functools.lru_cache(maxsize=None)
 def _can_compile() -> bool:
     """A C compiler that builds a shared library here (on the PATH is not enough: headers may be missing)."""
-    cc = _native._compiler()  # the one _native would use ($CC, else cc, gcc, clang)
+    cc = _native.compiler()  # the one _native would use ($CC, else cc, gcc, clang)
     if cc is None or not POSIX:
         return False
     with tempfile.TemporaryDirectory() as d:
@@ -33,7 +34,7 @@ needs_cc = pytest.mark.skipif(not _can_compile(), reason="no working C compiler 
 
 
 def _reason_in_a_new_process(cache) -> str:
-    code = "from fastclip import _native; print(_native.reason('augment_cpu'))"
+    code = f"from fastclip import _native; print(_native.reason({NATIVE_KERNEL!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, FASTCLIP_CACHE_DIR=str(cache)))
     return out.stdout.strip()
@@ -52,25 +53,25 @@ def fresh(monkeypatch, tmp_path):
 
 @needs_cc
 def test_compiles_once_and_is_reused(fresh):
-    assert _native.reason("augment_cpu") is None
-    built = list(fresh.glob("augment_cpu-*.so"))
+    assert _native.reason(NATIVE_KERNEL) is None
+    built = list(fresh.glob(f"{NATIVE_KERNEL}-*.so"))
     assert len(built) == 1 and not list(fresh.glob("*.tmp"))
     umask = os.umask(0)
     os.umask(umask)
     assert built[0].stat().st_mode & 0o777 == 0o755 & ~umask  # other users of a shared cache can load it
     stamp = built[0].stat().st_mtime_ns
     assert _reason_in_a_new_process(fresh) == "None"  # another process finds it (no second compile)
-    assert list(fresh.glob("augment_cpu-*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    assert list(fresh.glob(f"{NATIVE_KERNEL}-*.so")) == built and built[0].stat().st_mtime_ns == stamp
 
 
 def _refused_with(fragment: str):
-    from fastclip.ops.dispatch import BackendError
-    why = _native.reason("augment_cpu")
+    why = _native.reason(NATIVE_KERNEL)
     assert why is not None and fragment in why, why
+    assert _native.load(NATIVE_KERNEL) == (None, why) and _native.library(NATIVE_KERNEL) is None
     x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    cfg = AugmentConfig.from_name("clip_aug", 8)
+    cfg = AugmentOpConfig(flip_p=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     params = draw_params(2, cfg, torch.Generator().manual_seed(0))
-    with pytest.raises(BackendError, match=f"native.*{fragment[:12]}"):
+    with pytest.raises(dispatch.BackendError, match=f"native.*{fragment[:12]}"):
         augment_batch(x, cfg, params=params, backend="native")
     # automatic selection falls back to the torch backend, with the same result
     auto = augment_batch(x, cfg, params=params)
@@ -81,16 +82,16 @@ def _refused_with(fragment: str):
 def test_a_corrupt_cached_library_is_rebuilt(fresh):
     # Only in other processes: truncating a library this process has mapped would crash it (SIGBUS).
     assert _reason_in_a_new_process(fresh) == "None"
-    (built,) = fresh.glob("augment_cpu-*.so")
+    (built,) = fresh.glob(f"{NATIVE_KERNEL}-*.so")
     built.write_bytes(b"")  # truncated (a full disk, a killed copy)
     assert _reason_in_a_new_process(fresh) == "None"
-    assert built.stat().st_size > 0 and len(list(fresh.glob("augment_cpu-*.so"))) == 1
+    assert built.stat().st_size > 0 and len(list(fresh.glob(f"{NATIVE_KERNEL}-*.so"))) == 1
 
 
 @needs_cc
 def test_compiler_with_arguments(fresh, monkeypatch):
-    monkeypatch.setenv("CC", " ".join([*_native._compiler(), "-DFASTCLIP_UNUSED=1"]))  # as CC="ccache gcc"
-    assert _native.reason("augment_cpu") is None
+    monkeypatch.setenv("CC", " ".join([*_native.compiler(), "-DFASTCLIP_UNUSED=1"]))  # as CC="ccache gcc"
+    assert _native.reason(NATIVE_KERNEL) is None
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
@@ -133,7 +134,22 @@ def test_failing_compiler_is_a_reason(fresh, monkeypatch):
 
 
 def test_info_lists_the_augment_backends():
-    import fastclip.data  # noqa: F401  (registers the data ops)
-    from fastclip.info import report
+    from fastclip.info import report  # the augment op registered its backends when imported above
     text = report()
     assert "augment:" in text and "native" in text and "torch" in text
+
+
+@needs_cc
+def test_load_is_the_pair_the_backend_checks_and_runs_with(fresh):
+    """load() answers (library, None) like fastclip.lazy.optional_module; the native backend's
+    check and its run use that one answer, and a reset is seen by both."""
+    lib, why = _native.load(NATIVE_KERNEL)
+    assert why is None and lib is _native.library(NATIVE_KERNEL) and _native.load(NATIVE_KERNEL)[0] is lib
+    native = next(b for b in dispatch.backends(OP) if b.name == "native")
+    assert native.reasons(device=torch.device("cpu"), dtype=torch.float32) == []
+    x = torch.randint(0, 256, (3, 9, 9, 3), dtype=torch.uint8)
+    cfg = AugmentOpConfig(jitter_p=1.0, blur_p=1.0)
+    params = draw_params(3, cfg, torch.Generator().manual_seed(1))
+    before = augment_batch(x, cfg, params=params, backend="native")
+    _native.reset()  # forgotten: the next use loads again (from the cache) and configures its signature
+    assert torch.equal(augment_batch(x, cfg, params=params, backend="native"), before)

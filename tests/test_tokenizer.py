@@ -146,7 +146,7 @@ def test_ftfy_runs_only_where_it_can_change_something(tok, monkeypatch):
     def boom(text):
         raise AssertionError(f"ftfy called on {text!r}")
 
-    monkeypatch.setattr(tokmod, "_FTFY", boom)
+    monkeypatch.setattr(tokmod, "_ftfy", lambda: boom)
     # Printable ASCII without '&' never reaches ftfy, nor does text that ftfy's own tables and
     # badness test show it would leave alone...
     assert clean_text("  A Photo\tof a CAT!  ") == "a photo of a cat!"
@@ -181,17 +181,11 @@ def test_clean_text_equals_ftfy_everywhere():
 
 
 def test_without_ftfy_warns_and_keeps_plain_text(monkeypatch):
-    monkeypatch.setattr(tokmod, "_FTFY", None)
-    monkeypatch.setattr(tokmod, "_FTFY_WHY", None)
-    import builtins
-    real_import = builtins.__import__
-
-    def no_ftfy(name, *args, **kwargs):
-        if name == "ftfy":
-            raise ImportError("no ftfy here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ftfy)
+    real = tokmod.optional_module
+    monkeypatch.setattr(tokmod, "_FTFY_WARNED", False)
+    monkeypatch.setattr(tokmod, "optional_module",
+                        lambda name: (None, "cannot import ftfy: ImportError: no ftfy here") if name == "ftfy"
+                        else real(name))
     with pytest.warns(RuntimeWarning, match="ftfy"):
         assert clean_text("Caf\u00e9 &amp; cr\u00e8me") == "caf\u00e9 & cr\u00e8me"
     assert clean_text("cafe\u0301") == "caf\u00e9"  # NFC still applied

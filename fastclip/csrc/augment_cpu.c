@@ -1,8 +1,8 @@
-/* The CPU augmentation kernel of fastclip.data (the "native" backend of the op "augment").
+/* The CPU kernel of the op "augment" (its "native" backend; fastclip/ops/augment.py).
 
    One image at a time, in one call: uint8 -> float, horizontal flip, separable Gaussian blur,
    the mean luma, the colour map (jitter + grayscale + normalisation composed into one 3x3 matrix
-   and offset, see fastclip/data/augment.py), the clamp, the float32 write.  The torch backend
+   and offset, derived in fastclip/ops/augment.py), the clamp, the float32 write.  The torch backend
    does the same as a dozen whole-image tensor operations, each a pass over memory; here the
    image stays in this thread's cache between the steps, and the blur is one pass per axis
    instead of one per tap.

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from ..lazy import optional_module
+
 __all__ = ["eval_mode", "model_device", "model_dtype", "autocast_context", "iterate_batches"]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -79,12 +81,9 @@ def iterate_batches(batches: Iterable, max_batches: Optional[int] = None, progre
     source = it if max_batches is None else itertools.islice(it, max_batches)
     bar = None
     if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # an optional nicety: no bar rather than an error
-            tqdm = None
-        if tqdm is not None:
-            source = bar = tqdm(source, total=total, desc=desc, leave=False)
+        tqdm_auto, _ = optional_module("tqdm.auto")  # an optional nicety: no bar rather than an error
+        if tqdm_auto is not None:
+            source = bar = tqdm_auto.tqdm(source, total=total, desc=desc, leave=False)
     try:
         yield source
     finally:

@@ -23,6 +23,7 @@ from typing import Optional, Union
 import torch
 
 from ..data.loader import ClipLoader
+from ..lazy import plotting
 from ..data.shards import DataStats, ShardSource, ShardWriter, expand_shards
 from ..models import create_model
 from ..tokenizer import get_tokenizer
@@ -69,13 +70,9 @@ def score_pairs(shards, model: Union[str, torch.nn.Module] = "ViT-Ti-16", *, ima
 
 def write_histogram(scores, threshold: Optional[float], path: str, title: str = "") -> Optional[str]:
     """A PNG histogram of ``scores`` with the threshold; returns None, or why it could not be written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # not installed, or a broken backend
-        return (f"matplotlib is not usable ({type(exc).__name__}: {exc}); install it "
-                f"(pip install matplotlib) for the score histogram")
+    plt, why = plotting()
+    if plt is None:
+        return f"{why}; install matplotlib (pip install matplotlib) for the score histogram"
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(list(scores), bins=50, color="#4C72B0")
     if threshold is not None:

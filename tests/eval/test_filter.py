@@ -70,7 +70,9 @@ def test_scores_agree_with_the_model(tmp_path, small_model):
 
 def test_without_matplotlib_a_clear_message(tmp_path, small_model, monkeypatch):
     src = make_shapes_dataset(str(tmp_path / "src"), 10, 32, seed=2)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    import fastclip.eval.filter as filter_mod
+    monkeypatch.setattr(filter_mod, "plotting",
+                        lambda: (None, "cannot import matplotlib: ImportError: import of matplotlib halted"))
     with pytest.warns(UserWarning, match="no histogram.*pip install matplotlib"):
         report = filter_shards(str(tmp_path / "src" / src["shards"]), str(tmp_path / "out"), keep=0.5,
                                model=small_model, image_size=32)

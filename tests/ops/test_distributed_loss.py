@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from fastclip.ops import clip_loss_reference, siglip_loss_reference
 from fastclip.testing import assert_close, load_open_clip_file
 
-from . import _tasks as T
-from ._pool import DistPool, WorkerHang
+from . import _distributed_loss_tasks as T
+from ..distributed._pool import DistPool, WorkerHang
 
 pytestmark = pytest.mark.distributed
 
-TASKS = "tests.distributed._tasks"
+TASKS = "tests.ops._distributed_loss_tasks"
 D = 8
 F32 = torch.float32
 DDP_TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 DDP against the fp64 single-process oracle
