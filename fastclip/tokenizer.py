@@ -22,9 +22,8 @@ one regex), and text that ftfy's own tables and mojibake test show it leaves alo
 ``_ftfy_noop_check``); every other string goes through ``ftfy.fix_text`` exactly as open_clip's.
 After the clean-up a text is cut at whitespace into chunks whose ids are cached, so a warm batch is
 mostly a ``split`` and a C-level ``map`` over a dict; cache misses are pre-tokenised by CLIP's regex
-and merged by the Rust BPE model (see :class:`ClipTokenizer`).  Measured on this project's 2-core
-CPU against SimpleTokenizer (warm): about 15x on English captions, 4x on accented and non-Latin
-ones, 10.7x on the data benchmark's web-like mix (5% non-ASCII).
+and merged by the Rust BPE model (see :class:`ClipTokenizer`).  Its speed
+against SimpleTokenizer is in ``benchmarks/RESULTS.md``.
 
 Differences from SimpleTokenizer, all deliberate and documented:
 

@@ -14,8 +14,12 @@ Importing this package imports neither PIL nor DALI; the loader backends are reg
 """
 from .augment import CLIP_MEAN, CLIP_STD, PRESETS, AugmentConfig, augment_batch
 from .loader import ClipLoader, backend_reasons, default_tokenizer, make_loader, select_backend
-from .shards import DataStats, Sample, ShardSource, ShardWriter, expand_shards, iter_shard
+from .samples import Sample, iter_shard
+from .shardlist import expand_shards
+from .source import ShardSource
+from .stats import DataStats
 from .synthetic import CLASSNAMES, TEMPLATES, make_shapes_dataset, render_scene
+from .writer import ShardWriter
 
 __all__ = [
     "AugmentConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "augment_batch",

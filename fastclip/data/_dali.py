@@ -1,4 +1,5 @@
-"""The DALI pipeline (imported only when the ``dali`` data backend is used).
+"""The DALI pipeline of the ``dali`` data backend (``dali_batches.py``); ``nvidia.dali`` itself is
+imported only when a pipeline is built or its outputs are read, never at import.
 
 Encoded bytes come from fastclip's own tar reader through ``fn.external_source`` (not
 ``fn.readers.webdataset``, which stops the whole pipeline on a damaged tar or a missing caption
@@ -20,25 +21,20 @@ Two forms, chosen by the loader:
                   operations).  Used on CPU.  With one view, the loader computes every sample's
                   crop window in Python (``augment.crop_box`` with the sample's own
                   ``augment.crop_rng``, on the width and height read from the image header by
-                  ``shards.image_dimensions``) and feeds it with the bytes through the same
+                  ``sniff.image_dimensions``) and feeds it with the bytes through the same
                   ``external_source`` to ``fn.decoders.image_slice`` (integer anchor and shape
                   inputs: absolute pixels, "WH" order), DALI's region-of-interest decoder: a JPEG
                   is still decoded only inside its window, and the crop is the one the PIL backend
                   draws for that sample, whatever the batching (bitwise resumable).  With extra
                   views (simclr) DALI decodes whole images and the views' boxes are drawn in
                   Python the same way.  EXIF orientation is not applied here (as Pillow's ``open``
-                  does not), so header sizes, windows and both backends agree.
-                  Measured on this project's 2-core machine (256 px JPEGs -> 224 px, 2 threads),
-                  DALI's CPU decoder runs ~7400 images/s, as fast as Pillow's decoding in 2
-                  threads (both are libjpeg-turbo; DALI's edge is the crop done inside the decoder
-                  and no per-image Python or GIL), but its CPU bicubic resize, ``color_twist`` and
-                  ``gaussian_blur`` are each slower than the decoder by 4x or more (~1800 images/s
-                  for decode + resize), and torch's uint8 antialiased resize is ~6x faster than
-                  DALI's.
+                  does not), so header sizes, windows and both backends agree.  (Why this split
+                  on CPU: DALI's CPU resize and colour operators are the slow part there, its
+                  decoder is not; the figures are in ``benchmarks/RESULTS.md``.)
 
 A sample that passes the structural check but still fails in DALI's decoder (or a window that does
 not fit the decoded image) makes DALI fail its whole batch; the loader then decodes that batch with
-PIL (see ``loader.py``), so no good sample is lost.  The pipeline keeps running after such an error
+PIL (see ``dali_batches.py``), so no good sample is lost.  The pipeline keeps running after such an error
 (checked in tests).  A sample whose size the header does not give is fed with a 1x1 window and
 decoded by PIL instead.
 """
@@ -78,8 +74,8 @@ def _geometry(fn, types, encoded, decoded, cfg: AugmentConfig, decoder: str):
 
 def _maybe_blur(fn, images, cfg: AugmentConfig):
     # A per-sample DALI conditional (the pipeline is built with enable_conditionals): only the
-    # samples drawn for blurring go through the blur (~1.4x faster than blurring every sample,
-    # the others with a negligible sigma, at 224 px on CPU).
+    # samples drawn for blurring go through the blur, rather than blurring every sample and the
+    # undrawn ones with a negligible sigma.
     if fn.random.coin_flip(probability=cfg.blur_p):
         out = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
     else:

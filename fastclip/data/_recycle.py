@@ -1,16 +1,16 @@
 """Reused CPU memory for the batches the loader hands over.
 
 Every batch is a new tensor (the caller may keep it), and on CPU a fresh 150 MB tensor
-(256 x 3 x 224 x 224 fp32) costs more in page faults than the work that fills it: measured on
-this project's 2-core VM, the kernel's share was ~0.3 ms of CPU per 224 px image, as much as
-DALI's decoding.  So batch memory is recycled, but only once nothing can see it any more: each
+(256 x 3 x 224 x 224 fp32) makes the kernel fault in each of its pages the first time it is
+written: work on every batch that reused memory does not need.  So batch memory is recycled,
+but only once nothing can see it any more: each
 batch tensor is made with ``torch.from_numpy`` over a fresh ndarray view of a pooled buffer, the
 tensor's storage owns that view, and the pool holds only a weak reference to it.  The weak
 reference dies exactly when the last tensor, view, ``.numpy()`` array or DLPack capsule made
 from the batch is gone; only then is the buffer reused.  A caller who keeps batches keeps their
 memory; at most ``keep`` idle buffers per size are held, the rest go back to the allocator.
 ``release`` gives back the idle ones (the loader's ``release_memory``): not done at every epoch's
-end, since re-faulting fresh memory then cost ~6% of the next epoch's throughput (224 px).
+end, since the next epoch would then fault in fresh memory again.
 """
 from __future__ import annotations
 

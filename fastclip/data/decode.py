@@ -3,9 +3,9 @@
 A JPEG decodes at reduced scale (``draft``) when the crop allows.  Outputs of 96x96 and more are
 then cropped to the box rounded to whole pixels and resized with
 :func:`fastclip.data.augment.resize_crop` (torch's uint8 antialiased kernels, as on the DALI CPU
-path; ~4x Pillow's own resize: +12-29% images/s for this loader at 224 px); smaller ones with
-Pillow's ``resize(box=)``, whose lower per-call overhead wins there (at 64 px torch's was ~25%
-slower).  Views come out as uint8 ``[3, S, S]`` either way.
+path, faster than Pillow's own resize at these sizes); smaller ones with Pillow's
+``resize(box=)``, whose lower per-call overhead wins there.  Views come out as uint8
+``[3, S, S]`` either way.
 
 Modes are converted the way DALI's ``fn.decoders.image(output_type=RGB)`` converts them, so that
 both paths see the same pixels: grayscale and palette to RGB, alpha dropped, CMYK (Adobe-inverted

@@ -5,24 +5,27 @@ op ``data_loader``): ``backend=`` > ``FASTCLIP_DATA_BACKEND`` > automatic (DALI 
 else PIL).  An explicit choice that cannot run raises with the reason; automatic selection lists
 every backend's reason when none can run.
 
-``dali``  fastclip's tar reader feeds encoded bytes to a DALI pipeline (``fn.external_source`` ->
-          DALI's decoders).  With a CUDA ``device`` it decodes with ``device="mixed"`` and crops,
-          resizes, colour-jitters, blurs, flips and normalises with DALI's GPU operators.  On
-          CPU, DALI decodes every sample's crop window (computed here and fed beside the bytes to
-          the region-of-interest decoder ``fn.decoders.image_slice``: a JPEG is decoded only
-          inside it) in ``num_threads`` C++ threads, and ``num_threads`` Python threads resize
-          with torch's uint8 kernels, then run the flip, blur, colour knobs and normalisation
-          (``augment_batch``: fastclip's C kernel, or torch tensor operations without a C
-          compiler), each thread on its part of the batch; DALI's own CPU resize and colour
-          operators are several times slower than these (figures in ``_dali.py``).
-``pil``   ``num_threads`` Python threads decode with PIL (the GIL is released while decoding and
-          resizing; JPEGs decode at reduced scale when the crop allows) and resize (torch's uint8
-          kernels from 96 px, Pillow's below: ``decode.py``), then the same ``augment_batch``:
-          on CPU in the same threads, each on its part of the batch; on a GPU ``device`` there
-          (torch tensor operations).
+``dali``  (``dali_batches.py``) fastclip's tar reader feeds encoded bytes to a DALI pipeline
+          (``fn.external_source`` -> DALI's decoders).  With a CUDA ``device`` it decodes with
+          ``device="mixed"`` and crops, resizes, colour-jitters, blurs, flips and normalises
+          with DALI's GPU operators.  On CPU, DALI decodes every sample's crop window (computed
+          in Python and fed beside the bytes to the region-of-interest decoder
+          ``fn.decoders.image_slice``: a JPEG is decoded only inside it) in ``num_threads`` C++
+          threads, and ``num_threads`` Python threads resize with torch's uint8 kernels, then
+          run the flip, blur, colour knobs and normalisation (``augment_batch``: fastclip's C
+          kernel, or torch tensor operations without a C compiler), each thread on its part of
+          the batch (DALI's own CPU operators for these are slower: ``benchmarks/RESULTS.md``).
+``pil``   (``pil_batches.py``) ``num_threads`` Python threads decode with PIL (the GIL is
+          released while decoding and resizing; JPEGs decode at reduced scale when the crop
+          allows) and resize (torch's uint8 kernels from 96 px, Pillow's below: ``decode.py``),
+          then the same ``augment_batch``: on CPU in the same threads, each on its part of the
+          batch; on a GPU ``device`` there (torch tensor operations).
 
-Torch runs single-threaded in those Python threads (see ``_single_threaded_torch``).  Both run
-in a background thread that keeps ``prefetch`` batches ready, so decoding overlaps the training
+A backend is a function of the loader (the contract is in ``batches.py``); what it needs of the
+loader it reaches through the public methods of :class:`ClipLoader` (``crop_rng``,
+``colour_generator``, ``rng_seed``, ``alloc``, ``augment_views``, ``finish_batch``) and its
+attributes.  Torch runs single-threaded in the pool threads (``threads.py``).  Both run in a
+background thread that keeps ``prefetch`` batches ready, so decoding overlaps the training
 step.  Tokenisation is one batched call per batch.  On CPU, batch memory is recycled once the
 caller no longer holds any tensor, view or array of a batch (``_recycle.py``), which saves the
 kernel's page-fault work on every new batch; batches the caller keeps are never reused.  The
@@ -50,25 +53,21 @@ import queue
 import random
 import threading
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..distributed.slots import split_slots
 from ..ops import dispatch
 from ._recycle import BufferPool
-from .augment import (
-    AugmentConfig,
-    augment_batch,
-    crop_box,
-    crop_rng,
-    draw_params,
-    int_box,
-    resize_crop,
-    slice_params,
-)
-from .shards import DataStats, Sample, ShardSource, image_dimensions, split_slots
+from .augment import AugmentConfig, augment_batch, crop_rng, draw_params, slice_params
+from .dali_batches import dali_batches
+from .pil_batches import pil_batches
+from .samples import Sample
+from .source import ShardSource
+from .stats import DataStats
+from .threads import run_in_parts
 
 __all__ = ["ClipLoader", "make_loader", "select_backend", "backend_reasons", "default_tokenizer"]
 
@@ -82,48 +81,6 @@ _MISSING = object()
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
-_THREAD_SETTERS: list = []
-
-
-def _thread_setters() -> list:
-    """C entry points that set the calling thread's own thread count: OpenMP's (torch's parallel
-    loops) and MKL's (torch's CPU matmuls); those not found are left out."""
-    if not _THREAD_SETTERS:
-        import ctypes
-        import os
-        found = []
-        libs = [None, os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")]
-        for name in ("omp_set_num_threads", "MKL_Set_Num_Threads_Local"):
-            for lib in libs:
-                try:
-                    fn = getattr(ctypes.CDLL(lib), name)
-                except Exception:  # no such library or symbol; CDLL(None) is a TypeError on Windows
-                    continue
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int if name.startswith("MKL") else None
-                found.append(fn)
-                break
-        _THREAD_SETTERS.append(found)
-    return _THREAD_SETTERS[0]
-
-
-def _single_threaded_torch() -> None:
-    """Make torch single-threaded in the calling thread only (the loader's pool threads: several
-    of them each running torch's own threads would oversubscribe the cores).
-
-    ``torch.set_num_threads`` would not do: besides this thread it sets the process-wide default
-    that every thread starting later inherits.  OpenMP's ``omp_set_num_threads`` and MKL's
-    ``MKL_Set_Num_Threads_Local`` set only the calling thread's counts, which torch's parallel
-    loops and matmuls follow; they are called after torch has initialised this thread's
-    threading state (which would otherwise override them).  Where they cannot be reached
-    (another platform or threading backend), nothing is changed: slower, not wrong.
-    """
-    setters = _thread_setters()
-    if setters:
-        torch.get_num_threads()  # torch's lazy per-thread initialisation first
-        for fn in setters:
-            fn(1)
-
-
 def _dali_check(device=None, dtype=None, **_) -> list:
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         return ["device is CUDA but torch.cuda.is_available() is False"]
@@ -134,11 +91,11 @@ def _register() -> None:
     if _OP in dispatch.all_ops():  # a reload of this module
         return
     dispatch.register(_OP, dispatch.Backend(
-        "dali", fn=lambda loader, *a: loader._dali_batches(*a), devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
+        "dali", fn=dali_batches, devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
         packages=("nvidia.dali",), check=_dali_check,
         doc="NVIDIA DALI decode + augment in C++ threads (cpu; mixed GPU decode when device is CUDA)"))
     dispatch.register(_OP, dispatch.Backend(
-        "pil", fn=lambda loader, *a: loader._pil_batches(*a), devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
+        "pil", fn=pil_batches, devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
         packages=("PIL",), doc="PIL decode in threads + the augment op"))
 
 
@@ -179,16 +136,6 @@ class _Failed:
         self.exc = exc
 
 
-class _Batch:
-    """A batch on its way to the consumer, with the epoch's stream position after it, the next
-    batch index and the decoding-side counts that go with it (what the state takes over)."""
-
-    __slots__ = ("out", "position", "index", "delta")
-
-    def __init__(self, out: tuple, position: int, index: int, delta: DataStats):
-        self.out, self.position, self.index, self.delta = out, position, index, delta
-
-
 class ClipLoader(torch.utils.data.IterableDataset):
     """Batches of ``(images, tokens)`` from webdataset shards.
 
@@ -218,7 +165,7 @@ class ClipLoader(torch.utils.data.IterableDataset):
         dali_ops: what DALI does on the ``dali`` backend.  "auto" (default): everything (decode,
             resize, colour, blur, flip, normalise, as DALI operators) with a CUDA ``device``;
             on CPU only the decoding (of each sample's crop window), the rest as torch's resize and
-            fastclip's ``augment`` op, which measured faster there (``benchmarks/RESULTS.md``).
+            fastclip's ``augment`` op (the faster split on CPU: ``benchmarks/RESULTS.md``).
             "all": DALI's operators on CPU too (DALI's random operators: not bitwise resumable).
             "decode": the CPU split (CPU only).
 
@@ -471,26 +418,59 @@ class ClipLoader(torch.utils.data.IterableDataset):
                               f"{stats.delivered}, skipped {dict(stats.skipped)}", UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------------------------------
-    # Shared pieces
+    # What the backends use (pil_batches.py, dali_batches.py)
     # ------------------------------------------------------------------------------------------
-    def _rng_seed(self, kind: str, epoch: int, slot: int, index: int) -> str:
+    def rng_seed(self, kind: str, epoch: int, slot: int, index: int) -> str:
+        """The seed string of the ``kind`` draws for batch ``index`` of ``slot`` in ``epoch``."""
         return f"fastclip-{kind}-{self.seed}-{epoch}-{slot}-{index}"
 
-    def _generator(self, epoch: int, slot: int, index: int) -> torch.Generator:
-        s = random.Random(self._rng_seed("colour", epoch, slot, index)).getrandbits(63)
+    def colour_generator(self, epoch: int, slot: int, index: int) -> torch.Generator:
+        """The generator of batch ``index``'s colour, grayscale, blur and flip draws."""
+        s = random.Random(self.rng_seed("colour", epoch, slot, index)).getrandbits(63)
         return torch.Generator().manual_seed(s)
 
     @property
     def _random_crop(self) -> bool:
         return self.cfg.random_crop or bool(self.cfg.extra_views and self.cfg.view.random_crop)
 
-    def _crop_rng(self, epoch: int, sample: Sample) -> Optional[random.Random]:
-        """The sample's own crop randomness (None when no view crops at random)."""
+    def crop_rng(self, epoch: int, sample: Sample) -> Optional[random.Random]:
+        """The sample's own crop randomness, from (seed, epoch, sample uid) only (None when no
+        view crops at random)."""
         return crop_rng(self.seed, epoch, sample.uid) if self._random_crop else None
 
-    def _finish(self, views: list, samples: Sequence[Sample], stats: DataStats, delta: DataStats) -> tuple:
-        """Images (and views) ready; add tokens, labels, meta.  Counted in the epoch's ``stats`` and
-        in the batch's ``delta`` (what the consumer's state takes over with it)."""
+    def alloc(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous CPU tensor for batch data, on the memory of an earlier batch
+        that nothing references any more when there is one (``_recycle.py``)."""
+        return self._buffers.empty(shape, dtype)
+
+    def augment_views(self, views: list, generator: torch.Generator, pool: ThreadPoolExecutor) -> list:
+        """uint8 ``[B, H, W, 3]`` views (CPU) -> augmented, normalised ``[B, 3, H, W]`` on the device.
+
+        On CPU each thread of ``pool`` (``num_threads`` threads, torch single-threaded there)
+        augments its part of the batch; torch's own threads would compete with the decoding
+        threads for the same cores.
+        """
+        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
+        if self.device.type != "cpu":
+            return [augment_batch(v.pin_memory().to(self.device, non_blocking=True), c, generator, self.dtype)
+                    for v, c in zip(views, cfgs)]
+        n, h, w, _ = views[0].shape
+        params = [draw_params(n, c, generator) for c in cfgs]
+        out = [self.alloc((n, 3, h, w), self.dtype) for _ in cfgs]
+
+        def work(lo: int, hi: int) -> None:
+            for v, c in enumerate(cfgs):
+                augment_batch(views[v][lo:hi], c, dtype=self.dtype, params=slice_params(params[v], lo, hi),
+                              out=out[v][lo:hi])
+
+        run_in_parts(pool, n, self.num_threads, work)
+        return out
+
+    def finish_batch(self, views: list, samples: Sequence[Sample], stats: DataStats,
+                     delta: DataStats) -> tuple:
+        """Images (and views) ready; add tokens, labels, meta: the tuple the caller receives.
+        Counted in the epoch's ``stats`` and in the batch's ``delta`` (what the consumer's state
+        takes over with it)."""
         tokens = self.tokenizer([s.caption for s in samples])
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(samples):
             raise ValueError(f"tokenizer must return a tensor [B, context_length] for B={len(samples)} "
@@ -510,287 +490,6 @@ class ClipLoader(torch.utils.data.IterableDataset):
                     counter.note(f"converted:{s.mode}")
             counter.add_delivered(len(samples))
         return tuple(out)
-
-    def _decode_chunk(self, chunk: Sequence[Sample], first: int, epoch: int) -> tuple[list, list]:
-        """PIL: ``([(sample, [view arrays], stream index)] for the samples that decode,
-        [(stream index, reason, where)] for the others)``; ``first`` is the chunk's first index."""
-        from .decode import DecodeError, decode_views
-        out, failed = [], []
-        for i, s in enumerate(chunk, first):
-            try:
-                views = decode_views(s.image, self.cfg, self._crop_rng(epoch, s))
-            except DecodeError as exc:
-                failed.append((i, "corrupt_image", f"{s.shard}:{s.key}: {exc}"))
-                continue
-            out.append((s, views, i))
-        return out, failed
-
-    def _stacked_views(self, decoded: list) -> list:
-        """PIL: the decoded ``[3, S, S]`` views stacked into uint8 batches, one per view, seen as
-        ``[B, S, S, 3]`` (channels-first memory, what :func:`augment_batch` converts fastest)."""
-        out = []
-        for v in range(1 + self.cfg.extra_views):
-            first = decoded[0][1][v]
-            batch = self._buffers.empty((len(decoded), *first.shape), torch.uint8)
-            torch.stack([item[1][v] for item in decoded], out=batch)
-            out.append(batch.permute(0, 2, 3, 1))
-        return out
-
-    def _window(self, sample: Sample, epoch: int) -> Optional[tuple]:
-        """DALI CPU path, one view: the sample's crop window in whole pixels (the box the PIL
-        backend draws for it), from the image size in its header; None when the header does not
-        give the size."""
-        dims = image_dimensions(sample.image)
-        if dims is None:
-            return None
-        w, h = dims
-        return int_box(crop_box(w, h, self.cfg, self._crop_rng(epoch, sample)), w, h)
-
-    def _dali_cpu_views(self, images: list, chunk: list, windows: Optional[list], epoch: int,
-                        generator: torch.Generator, pool: ThreadPoolExecutor, stats: DataStats,
-                        delta: DataStats) -> tuple[list, list]:
-        """DALI CPU path: uint8 HWC ``images`` (the decoded windows when ``windows`` is given, else
-        whole images cropped here by each sample's own boxes) -> resized by the threads of
-        ``pool``, each on its part of the batch, then augmented (:meth:`_augment_views`).
-
-        A sample without a window (its size unread) or whose decoded window is not the size asked
-        for is decoded by PIL instead (cropped the same way); one PIL cannot decode either is left
-        out and counted.  Returns (the samples kept, their views).
-        """
-        from .decode import DecodeError, decode_views
-        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
-        size = self.cfg.image_size
-        kept, boxes, ready = [], [], {}
-        for i, (s, img) in enumerate(zip(chunk, images)):
-            if windows is not None:
-                box = windows[i]
-                if box is None or tuple(img.shape[:2]) != (box[3] - box[1], box[2] - box[0]):
-                    try:
-                        ready[len(kept)] = decode_views(s.image, self.cfg, self._crop_rng(epoch, s))
-                    except DecodeError as exc:
-                        for counter in (stats, delta):
-                            counter.skip("corrupt_image", f"{s.shard}:{s.key}: {exc}")
-                        continue
-                boxes.append([None])  # the decoder cut the window: resize all of it
-            else:
-                h, w = int(img.shape[0]), int(img.shape[1])
-                rng = self._crop_rng(epoch, s)
-                boxes.append([int_box(crop_box(w, h, c, rng), w, h) for c in cfgs])
-            kept.append(i)
-        n = len(kept)
-        if n == 0:
-            return [], []
-        resized = self._buffers.empty((len(cfgs), n, 3, size, size), torch.uint8)
-
-        def work(lo: int, hi: int) -> None:
-            for j in range(lo, hi):
-                for v, c in enumerate(cfgs):
-                    if j in ready:
-                        resized[v, j].copy_(ready[j][v])
-                    else:
-                        resize_crop(images[kept[j]], boxes[j][v], size, c.interpolation, resized[v, j])
-
-        self._in_pool(pool, n, work)
-        views = self._augment_views([r.permute(0, 2, 3, 1) for r in resized], generator, pool)
-        return [chunk[i] for i in kept], views
-
-    def _pool(self, name: str) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(self.num_threads, thread_name_prefix=name,
-                                  initializer=_single_threaded_torch)
-
-    def _in_pool(self, pool: ThreadPoolExecutor, n: int, work: Callable[[int, int], None]) -> None:
-        """``work(lo, hi)`` over ``range(n)`` cut into one part per thread of ``pool``."""
-        step = -(-n // self.num_threads)
-        for f in [pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]:
-            f.result()
-
-    def _augment_views(self, views: list, generator: torch.Generator, pool: ThreadPoolExecutor) -> list:
-        """uint8 ``[B, H, W, 3]`` views (CPU) -> augmented, normalised ``[B, 3, H, W]`` on the device.
-
-        On CPU each thread of ``pool`` (torch single-threaded there) augments its part of the
-        batch; torch's own threads would compete with the decoding threads for the same cores.
-        """
-        cfgs = [self.cfg] + [self.cfg.view] * self.cfg.extra_views
-        if self.device.type != "cpu":
-            return [augment_batch(v.pin_memory().to(self.device, non_blocking=True), c, generator, self.dtype)
-                    for v, c in zip(views, cfgs)]
-        n, h, w, _ = views[0].shape
-        params = [draw_params(n, c, generator) for c in cfgs]
-        out = [self._buffers.empty((n, 3, h, w), self.dtype) for _ in cfgs]
-
-        def work(lo: int, hi: int) -> None:
-            for v, c in enumerate(cfgs):
-                augment_batch(views[v][lo:hi], c, dtype=self.dtype, params=slice_params(params[v], lo, hi),
-                              out=out[v][lo:hi])
-
-        self._in_pool(pool, n, work)
-        return out
-
-    def _chunks(self, samples: Iterator[Sample], size: int, start: int) -> Iterator[tuple[int, list]]:
-        """``(stream index of the first sample, chunk)``: ``samples`` (which begin at stream index
-        ``start``) cut into lists of ``size``."""
-        chunk = []
-        for s in samples:
-            chunk.append(s)
-            if len(chunk) == size:
-                yield start, chunk
-                start += size
-                chunk = []
-        if chunk:
-            yield start, chunk
-
-    # ------------------------------------------------------------------------------------------
-    # PIL backend
-    # ------------------------------------------------------------------------------------------
-    def _pil_batches(self, samples: Iterator[Sample], epoch: int, slot: int, stats: DataStats,
-                     start: int, index: int) -> Iterator[_Batch]:
-        """The next ``batch_size`` samples that decode, in stream order; a batch's position is the
-        stream index of its last sample + 1, and the decoder skips before it go with it."""
-        chunk_size = max(1, min(self.batch_size, 32))
-        depth = self.num_threads * 2 + (self.batch_size + chunk_size - 1) // chunk_size
-        # One pool for decoding and augmenting: a batch's augmentation waits behind the decode
-        # chunks queued ahead of it (latency), but a second pool measured ~7% fewer images/s at
-        # 224 px on 2 cores (its threads compete with the decoders').
-        pool = self._pool("fastclip-decode")
-        pending: deque = deque()
-        ready: list = []
-        failed: deque = deque()  # decoder skips not yet handed over with a batch
-
-        def emit(decoded: list) -> _Batch:
-            position = decoded[-1][2] + 1
-            delta = DataStats(warn=False)
-            while failed and failed[0][0] < position:
-                _, reason, where = failed.popleft()
-                delta.skip(reason, where)
-            return self._pil_emit(decoded, epoch, slot, index, stats, pool, position, delta)
-
-        try:
-            chunks = self._chunks(samples, chunk_size, start)
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < depth:
-                    try:
-                        first, chunk = next(chunks)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    pending.append(pool.submit(self._decode_chunk, chunk, first, epoch))
-                if not pending:
-                    break
-                decoded, failures = pending.popleft().result()
-                for _, reason, where in failures:
-                    stats.skip(reason, where)
-                failed.extend(failures)
-                ready.extend(decoded)
-                while len(ready) >= self.batch_size:
-                    batch, ready = ready[:self.batch_size], ready[self.batch_size:]
-                    yield emit(batch)
-                    index += 1
-            if ready and not self.drop_last:
-                yield emit(ready)
-        finally:
-            for f in pending:
-                f.cancel()
-            pool.shutdown(wait=True)
-
-    def _pil_emit(self, decoded: list, epoch: int, slot: int, index: int, stats: DataStats,
-                  pool: ThreadPoolExecutor, position: int, delta: DataStats) -> _Batch:
-        views = self._augment_views(self._stacked_views(decoded), self._generator(epoch, slot, index), pool)
-        out = self._finish(views, [item[0] for item in decoded], stats, delta)
-        return _Batch(out, position, index + 1, delta)
-
-    # ------------------------------------------------------------------------------------------
-    # DALI backend
-    # ------------------------------------------------------------------------------------------
-    def _dali_batches(self, samples: Iterator[Sample], epoch: int, slot: int, stats: DataStats,
-                      start: int, index: int) -> Iterator[_Batch]:
-        """Chunks of ``batch_size`` stream samples, one DALI batch each; a batch's position is the
-        end of its chunk (also when PIL decodes a chunk DALI failed)."""
-        from . import _dali
-        device_id = None
-        if self.device.type == "cuda":
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        ops = self.dali_ops if self.dali_ops != "auto" else ("all" if device_id is not None else "decode")
-        roi = _dali.roi_decode(self.cfg, ops)
-        chunks = self._chunks(samples, self.batch_size, start)
-        fed: deque = deque()
-        source_error: list = []
-
-        def source():
-            try:
-                first, chunk = next(chunks)  # StopIteration ends DALI's epoch
-            except StopIteration:
-                raise
-            except Exception as exc:  # the reader's own error: end DALI's epoch, raise it below
-                source_error.append(exc)
-                raise StopIteration from exc
-            encoded = _dali.encoded_batch(chunk)
-            if not roi:
-                fed.append((first, chunk, None))
-                return encoded
-            windows = [self._window(s, epoch) for s in chunk]
-            fed.append((first, chunk, windows))
-            return (encoded, *_dali.window_batch(windows))
-
-        # Only ops="all" draws from DALI's generator; seeded from where this run starts.
-        seed = random.Random(self._rng_seed("dali", epoch, slot, index)).getrandbits(31)
-        pipe = _dali.build_pipeline(self.cfg, source, self.batch_size, self.num_threads, seed, device_id,
-                                    prefetch=self.prefetch, ops=ops)
-        pool = self._pool("fastclip-resize")
-        unexplained = 0
-        delta = DataStats(warn=False)  # counted since the last batch handed over
-        try:
-            while True:
-                try:
-                    outputs = pipe.run()
-                except StopIteration:
-                    break
-                except RuntimeError as exc:
-                    # One image that passed the structural check failed in DALI's decoder, which
-                    # fails the batch: decode this batch with PIL instead (counting what fails there).
-                    if source_error or not fed:
-                        raise
-                    first, chunk, _ = fed.popleft()
-                    for counter in (stats, delta):
-                        counter.note("dali_batch_fallback")
-                    decoded, failures = self._decode_chunk(chunk, first, epoch)
-                    for _, reason, where in failures:
-                        stats.skip(reason, where)
-                        delta.skip(reason, where)
-                    # Guard against a pipeline that fails for reasons other than the data.
-                    unexplained = 0 if failures else unexplained + 1
-                    if unexplained >= 3:
-                        raise RuntimeError("DALI failed 3 batches in a row in which PIL found no bad image; "
-                                           f"the pipeline itself seems broken: {exc}") from exc
-                    if decoded and not (self.drop_last and len(decoded) < self.batch_size):
-                        yield self._pil_emit(decoded, epoch, slot, index, stats, pool, first + len(chunk),
-                                             delta)
-                        delta = DataStats(warn=False)
-                    index += 1
-                    if not decoded:
-                        warnings.warn(f"fastclip.data: DALI failed a batch and PIL decoded none of it: {exc}")
-                    continue
-                first, chunk, windows = fed.popleft()
-                if self.drop_last and len(chunk) < self.batch_size:
-                    break
-                unexplained = 0
-                end = first + len(chunk)
-                if ops == "all":
-                    views = _dali.outputs_to_torch(outputs, self.dtype, self.device)
-                else:  # done with DALI's buffers before the next run()
-                    images = _dali.decoded_arrays(outputs[0])
-                    generator = self._generator(epoch, slot, index)
-                    chunk, views = self._dali_cpu_views(images, chunk, windows, epoch, generator, pool, stats,
-                                                        delta)
-                if chunk:
-                    yield _Batch(self._finish(views, chunk, stats, delta), end, index + 1, delta)
-                    delta = DataStats(warn=False)
-                index += 1
-            if source_error:
-                raise source_error[0]
-        finally:
-            del pipe
-            pool.shutdown(wait=True)
 
 
 def make_loader(shards, batch_size: int, **kwargs) -> ClipLoader:

@@ -162,7 +162,7 @@ def make_shapes_dataset(out_dir: str, num_samples: int = 10000, image_size: int 
     shards (``meta["shards"]``, relative to ``out_dir``; ``meta["shards_path"]`` absolute),
     ``classnames``, ``templates``, the number of corrupted captions and the time taken.
     """
-    from .shards import ShardWriter
+    from .writer import ShardWriter
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if image_size < 8:

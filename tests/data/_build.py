@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import torch
 
-from fastclip.data.shards import read_tar
+from fastclip.data.tar import read_tar
 
 COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 210), (230, 210, 40), (120, 40, 160), (240, 140, 20)]
 
@@ -33,6 +33,10 @@ def jpeg(i: int, size=(24, 20)) -> bytes:
     return encode(rgb_image(i, size), "JPEG", quality=95)
 
 
+def png(i: int = 3, size=(24, 20)) -> bytes:
+    return encode(rgb_image(i, size), "PNG")
+
+
 def png16_rgb(h: int, w: int, rgb16=(50000, 1000, 1000)) -> bytes:
     """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
     row = np.tile(np.array(rgb16, dtype=">u2"), (w, 1)).tobytes()
@@ -45,7 +49,7 @@ def png16_rgb(h: int, w: int, rgb16=(50000, 1000, 1000)) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-# name -> the mode the header declares (fastclip.data.shards.image_mode) for odd_mode_images()
+# name -> the mode the header declares (fastclip.data.sniff.image_mode) for odd_mode_images()
 ODD_MODES = {"grayscale_jpeg": "L", "cmyk_jpeg": "CMYK", "rgba_png": "RGBA", "palette_png": "P",
              "la_png": "LA", "gray16_png": "I;16", "rgb16_png": "RGB;16", "webp": "RGB", "webp_alpha": "RGBA",
              "bilevel_png": "1"}

@@ -392,7 +392,7 @@ import ctypes, os, sys, threading, torch
 if sys.argv[1] == "set":  # a training script's own setting, which per-thread start-up copies
     torch.set_num_threads(2)
 from fastclip.data import ClipLoader
-from fastclip.data.loader import _single_threaded_torch
+from fastclip.data.threads import single_threaded_torch
 from tests.data._build import fake_tokenizer
 loader = ClipLoader({paths!r}, 4, image_size=16, backend={backend!r}, tokenizer=fake_tokenizer)
 assert sum(len(b[0]) for b in loader) == 6
@@ -406,7 +406,7 @@ t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
 t.start(); t.join()
 inside = []
 def pool_thread():
-    _single_threaded_torch()
+    single_threaded_torch()
     inside.append((torch.get_num_threads(), mkl()))
 t = threading.Thread(target=pool_thread)
 t.start(); t.join()
@@ -431,7 +431,8 @@ def test_dali_all_operator_pipeline_on_cpu(tmp_path, preset):
 
     from fastclip.data import _dali
     from fastclip.data.augment import AugmentConfig
-    from fastclip.data.shards import DataStats, ShardSource
+    from fastclip.data.source import ShardSource
+    from fastclip.data.stats import DataStats
     paths = write_good_shards(tmp_path, 1, 6)
     samples = list(ShardSource(paths, shuffle=0).iter(0, 0, 1, DataStats(warn=False)))
     name = "clip" if preset == "eval" else preset

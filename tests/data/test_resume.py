@@ -247,14 +247,14 @@ def test_pil_and_dali_crop_a_sample_the_same_way(tmp_path, preset):
 
 @needs_dali
 def test_dali_decodes_with_pil_a_sample_whose_size_is_not_in_its_header(tmp_path, monkeypatch):
-    from fastclip.data import loader as loader_module
+    from fastclip.data import dali_batches as backend_module
     shards = _structured_images(tmp_path)
     kw = dict(image_size=32, augment="clip", scale=(0.2, 1.0), shuffle=0, seed=3, return_meta=True,
               warn=False, tokenizer=fake_tokenizer)
     pil = _by_uid(ClipLoader(shards, 4, backend="pil", **kw))
     hidden = {s.image: s.uid for s in list(ShardSource(shards).iter())[::3]}  # 3 of the 8 samples
-    real = loader_module.image_dimensions
-    monkeypatch.setattr(loader_module, "image_dimensions",
+    real = backend_module.image_dimensions
+    monkeypatch.setattr(backend_module, "image_dimensions",
                         lambda data: None if data in hidden else real(data))
     dali = _by_uid(ClipLoader(shards, 4, backend="dali", **kw))
     assert sorted(dali) == sorted(pil)
