@@ -20,9 +20,27 @@ import torch
 
 from ..lazy import optional_module
 
-__all__ = ["eval_mode", "model_device", "model_dtype", "autocast_context", "iterate_batches"]
+__all__ = ["eval_mode", "model_device", "model_dtype", "autocast_context", "iterate_batches", "is_integer_tensor",
+           "check_index_vector"]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_integer_tensor(x: torch.Tensor) -> bool:
+    """An integer dtype (bool, floating and complex tensors are not indices)."""
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+def check_index_vector(name: str, t, layout: str, length: int, entries: str, per: str, others: str) -> None:
+    """``t`` is a 1-D integer tensor with one entry per ``per`` (``length`` of them), else a
+    TypeError/ValueError naming ``name``: e.g. "labels must have one entry per image, got 3 labels
+    and 4 image_features".  Range checks stay with the caller (what a bad value means differs)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or not is_integer_tensor(t):
+        raise ValueError(f"{name} must be an integer tensor {layout}, got {t.dtype} {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} must have one entry per {per}, got {t.shape[0]} {entries} and {length} {others}")
 
 
 @contextlib.contextmanager

@@ -16,13 +16,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import autocast_context, eval_mode, iterate_batches, model_device, model_dtype
+from .common import (autocast_context, check_index_vector, eval_mode, is_integer_tensor, iterate_batches, model_device,
+                     model_dtype)
 
 __all__ = ["retrieval_metrics", "retrieval_metrics_reference", "evaluate_retrieval"]
-
-
-def _is_integer(x: torch.Tensor) -> bool:
-    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
 def _check(image_features, text_features, text_to_image, ks, chunk_size: Optional[int] = None):
@@ -40,15 +37,8 @@ def _check(image_features, text_features, text_to_image, ks, chunk_size: Optiona
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"image_features and text_features must have the same feature dim, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    if not isinstance(text_to_image, torch.Tensor):
-        raise TypeError(f"text_to_image must be a torch.Tensor, got {type(text_to_image).__name__}")
-    if text_to_image.dim() != 1 or not _is_integer(text_to_image):
-        raise ValueError(f"text_to_image must be an integer tensor [Nt], got {text_to_image.dtype} "
-                         f"{tuple(text_to_image.shape)}")
     ni, nt = image_features.shape[0], text_features.shape[0]
-    if text_to_image.shape[0] != nt:
-        raise ValueError(f"text_to_image must have one entry per text, got {text_to_image.shape[0]} entries "
-                         f"and {nt} text_features")
+    check_index_vector("text_to_image", text_to_image, "[Nt]", nt, "entries", "text", "text_features")
     bad = (text_to_image < 0) | (text_to_image >= ni)
     if bad.any():
         raise ValueError(f"text_to_image must index images in [0, {ni}), "
@@ -150,7 +140,7 @@ def _images_and_tokens(batch, index: int):
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"batch {index}: the first item must be the images tensor, "
                         f"got {type(images).__name__}")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or not _is_integer(tokens):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or not is_integer_tensor(tokens):
         what = (f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor)
                 else type(tokens).__name__)
         raise ValueError(f"batch {index}: the second item must be the tokens, an integer tensor [B, L], "

@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .common import autocast_context, eval_mode, iterate_batches, model_device, model_dtype
+from .common import (autocast_context, check_index_vector, eval_mode, is_integer_tensor, iterate_batches, model_device,
+                     model_dtype)
 
 __all__ = ["zero_shot_classifier", "zero_shot_metrics", "evaluate_zero_shot"]
 
@@ -42,10 +43,6 @@ def _check_features(name: str, x, shape: str = "[N, D]") -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf (a diverged model?); ranks would be meaningless")
     return x
-
-
-def _is_integer(x: torch.Tensor) -> bool:
-    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
 def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -135,13 +132,7 @@ def _check_ks(ks) -> list:
 
 
 def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1 or not _is_integer(labels):
-        raise ValueError(f"labels must be an integer tensor [N], got {labels.dtype} {tuple(labels.shape)}")
-    if labels.shape[0] != n:
-        raise ValueError(f"labels must have one entry per image, got {labels.shape[0]} labels and {n} "
-                         f"image_features")
+    check_index_vector("labels", labels, "[N]", n, "labels", "image", "image_features")
     unlabelled = int((labels == -1).sum())
     if unlabelled:
         raise ValueError(f"labels: evaluation set without labels: {unlabelled} of the {n} labels are -1 "
@@ -214,7 +205,7 @@ def _images_and_labels(batch, index: int):
         raise TypeError(f"batch {index}: the first item must be the images tensor, "
                         f"got {type(images).__name__}")
     for item in reversed(batch[1:]):
-        if isinstance(item, torch.Tensor) and item.dim() == 1 and _is_integer(item):
+        if isinstance(item, torch.Tensor) and item.dim() == 1 and is_integer_tensor(item):
             if item.shape[0] != images.shape[0]:
                 raise ValueError(f"batch {index}: {item.shape[0]} labels for {images.shape[0]} images")
             return images, item

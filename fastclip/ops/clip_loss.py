@@ -48,6 +48,7 @@ from .tiles import (
     default_chunk_size,
     finish_clip_grads,
     mm_dtype,
+    register_loss_backends,
     rowdot_sum,
 )
 
@@ -180,30 +181,8 @@ def run_engine(engine, a, b, scale_t, bias_t, eps: float, chunk: Optional[int]) 
     return loss
 
 
-def _backend_fn(engine):
-    return lambda a, b, scale_t, bias_t, eps, chunk: run_engine(engine, a, b, scale_t, bias_t, eps, chunk)
-
-
-def _triton_check(device=None, dtype=None, **_):
-    return dispatch.triton_device_reasons(device, faster="chunked")
-
-
-# The distributed loss runs each backend's extra["engine"] across ranks (None: the materialised
-# reference twin over gathered features); a backend must declare one or be refused there.
-dispatch.register("clip_loss", dispatch.Backend(
-    "triton", _backend_fn(TritonEngine), devices=("cuda", "cpu"), packages=("triton",), auto_devices=("cuda",),
-    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
-    extra={"engine": TritonEngine}))
-dispatch.register("clip_loss", dispatch.Backend(
-    "chunked", _backend_fn(ChunkedEngine), devices=("cpu", "cuda"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA",
-    extra={"engine": ChunkedEngine}))
-dispatch.register("clip_loss", dispatch.Backend(
-    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="materialised N x N logits (O(N^2) memory); the test oracle",
-    extra={"engine": None}))
+register_loss_backends("clip_loss", run_engine, _run_reference, triton=TritonEngine, chunked=ChunkedEngine,
+                       chunked_doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA")
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,

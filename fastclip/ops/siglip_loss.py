@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import as_scalar_tensor, check_chunk_size, check_features
-from .tiles import acc_dtype, default_chunk_size, mm_dtype, rowdot_sum, tile_logits
+from .tiles import acc_dtype, default_chunk_size, mm_dtype, register_loss_backends, rowdot_sum, tile_logits
 
 __all__ = ["siglip_loss", "siglip_loss_reference", "SigLipLossFunction", "chunked_siglip_sweep", "ChunkedSweep",
            "TritonSweep", "run_engine"]
@@ -145,29 +145,8 @@ def run_engine(engine, a, b, scale_t, bias_t, chunk: Optional[int]) -> torch.Ten
     return SigLipLossFunction.apply(a, b, scale_t, bias_t, chunk or default_chunk_size(a.device), engine, needs)
 
 
-def _backend_fn(engine):
-    return lambda a, b, scale_t, bias_t, chunk: run_engine(engine, a, b, scale_t, bias_t, chunk)
-
-
-def _triton_check(device=None, dtype=None, **_):
-    return dispatch.triton_device_reasons(device, faster="chunked")
-
-
-# extra["engine"]: what the distributed loss runs across ranks (None: the materialised reference).
-dispatch.register("siglip_loss", dispatch.Backend(
-    "triton", _backend_fn(TritonSweep), devices=("cuda", "cpu"), packages=("triton",), auto_devices=("cuda",),
-    check=_triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
-    extra={"engine": TritonSweep}))
-dispatch.register("siglip_loss", dispatch.Backend(
-    "chunked", _backend_fn(ChunkedSweep), devices=("cpu", "cuda"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA",
-    extra={"engine": ChunkedSweep}))
-dispatch.register("siglip_loss", dispatch.Backend(
-    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="materialised N x N logits (O(N^2) memory); the test oracle",
-    extra={"engine": None}))
+register_loss_backends("siglip_loss", run_engine, _run_reference, triton=TritonSweep, chunked=ChunkedSweep,
+                       chunked_doc="PyTorch tiles, one sweep, O(N*D + tile) memory; CPU and CUDA")
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,

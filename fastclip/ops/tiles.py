@@ -24,12 +24,15 @@ into the gradients of the inputs (the target terms, label smoothing, the incomin
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["STAT_DTYPE", "default_chunk_size", "mm_dtype", "acc_dtype", "tile_logits", "tile_lse", "sub_stat",
+from . import dispatch
+
+__all__ = ["register_loss_backends", "STAT_DTYPE", "default_chunk_size", "mm_dtype", "acc_dtype", "tile_logits", "tile_lse", "sub_stat",
            "rowdot_sum", "chunked_lse", "chunked_softmax_grads", "finish_clip_grads"]
 
 STAT_DTYPE = torch.float64
@@ -176,3 +179,30 @@ def finish_clip_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, 
             gb.sub_((sa * smooth).to(acc))
         grad_b = gb.mul_(coef).to(b.dtype)
     return grad_a, grad_b, grad_s
+
+
+_LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def register_loss_backends(op: str, run: Callable, reference: Callable, *, triton, chunked, chunked_doc: str) -> None:
+    """Register a tiled loss's three backends, in automatic priority: ``triton`` (its engine; picked
+    automatically on CUDA only, since on CPU it runs through the test interpreter), ``chunked``
+    (its engine; CPU and CUDA) and ``reference`` (the materialised twin, explicit use only).
+
+    ``run(engine, *inputs)`` runs the loss on an engine; ``reference(*inputs)`` the twin.  Each backend carries its engine in
+    ``extra["engine"]`` (None for the reference): the distributed loss runs exactly that engine
+    across ranks, so the table here is the only one.
+    """
+    def triton_check(device=None, dtype=None, **_):
+        return dispatch.triton_device_reasons(device, faster="chunked")
+
+    dispatch.register(op, dispatch.Backend(
+        "triton", functools.partial(run, triton), devices=("cuda", "cpu"), packages=("triton",), auto_devices=("cuda",),
+        check=triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
+        extra={"engine": triton}))
+    dispatch.register(op, dispatch.Backend(
+        "chunked", functools.partial(run, chunked), devices=("cpu", "cuda"), dtypes=_LOSS_DTYPES, doc=chunked_doc,
+        extra={"engine": chunked}))
+    dispatch.register(op, dispatch.Backend(
+        "reference", reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(), dtypes=_LOSS_DTYPES,
+        doc="materialised N x N logits (O(N^2) memory); the test oracle", extra={"engine": None}))

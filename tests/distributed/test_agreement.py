@@ -1,17 +1,10 @@
 """fastclip.distributed.agreement: every rank raises the same error, or all agree, before data moves."""
 import pytest
 
-from ._pool import DistPool
 
 pytestmark = pytest.mark.distributed
 TASKS = "tests.distributed._tasks"
 
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(2)
-    yield p
-    p.close()
 
 
 def test_agreeing_ranks_get_every_rank_row_count(pool):

@@ -2,19 +2,14 @@
 import pytest
 import torch
 
-from ._pool import DistPool
 
 pytestmark = pytest.mark.distributed
 TASKS = "tests.distributed._tasks"
 
 
-def test_uneven_blocks_move_and_gradients_go_home():
+def test_uneven_blocks_move_and_gradients_go_home(pool):
     counts = [3, 1]
-    pool = DistPool(2)
-    try:
-        res = pool.run(f"{TASKS}:collectives", counts)
-    finally:
-        pool.close()
+    res = pool.run(f"{TASKS}:collectives", counts)
     xs = [torch.arange(c * 2, dtype=torch.float64).reshape(-1, 2) + 100 * r for r, c in enumerate(counts)]
     total = sum(counts)
     w = torch.arange(total * 2, dtype=torch.float64).reshape(total, 2)

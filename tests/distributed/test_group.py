@@ -4,7 +4,6 @@ import torch
 
 from fastclip.distributed import Layout, group_rank_and_size
 
-from ._pool import DistPool
 
 pytestmark = pytest.mark.distributed
 TASKS = "tests.distributed._tasks"
@@ -22,12 +21,8 @@ def test_uninitialised_is_refused_with_the_reason():
         group_rank_and_size()
 
 
-def test_two_ranks_know_who_they_are():
-    pool = DistPool(2)
-    try:
-        facts = pool.run(f"{TASKS}:group_facts")
-    finally:
-        pool.close()
+def test_two_ranks_know_who_they_are(pool):
+    facts = pool.run(f"{TASKS}:group_facts")
     assert [f["rank"] for f in facts] == [0, 1]
     assert {f["size"] for f in facts} == {2}
     assert all("gloo" in f["backend"] and f["device"] == "cpu" and f["global_of_1"] == 1 for f in facts)

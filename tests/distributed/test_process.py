@@ -4,7 +4,6 @@ import torch
 
 from fastclip.distributed import DistInfo, barrier, gather_objects, init_distributed, rank0_decisions, shutdown
 
-from ._pool import DistPool
 
 pytestmark = pytest.mark.distributed
 TASKS = "tests.distributed._tasks"
@@ -20,12 +19,8 @@ def test_one_process_without_torchrun(monkeypatch):
     shutdown(info)  # not owned: nothing to destroy
 
 
-def test_rank0_decides_and_objects_are_gathered():
-    pool = DistPool(2)
-    try:
-        res = pool.run(f"{TASKS}:process_helpers")
-    finally:
-        pool.close()
+def test_rank0_decides_and_objects_are_gathered(pool):
+    res = pool.run(f"{TASKS}:process_helpers")
     assert [r["decisions"] for r in res] == [[True, False], [True, False]]
     assert all(r["objects"] == [{"rank": 0}, {"rank": 1}] for r in res)
     assert DistInfo(rank=1).is_main is False
