@@ -68,6 +68,17 @@ _LOG2E = 1.4426950408889634
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _load_rows(base, offs, offs_d, mask_rows, mask_d, stride_row, stride_d, UPCAST: tl.constexpr):
+    """Rows ``offs`` of an [L, head_dim] matrix at ``base`` as a [rows, BLOCK_D] block (rows past L
+    and the head-dim padding read as 0), cast to fp32 under the interpreter."""
+    x = tl.load(base + offs[:, None].to(tl.int64) * stride_row + offs_d[None, :] * stride_d,
+                mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     offs_m, offs_d, mask_d, Lk, lo, hi, qk_scale,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -90,11 +101,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)             # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            v = v.to(tl.float32)
-        else:
+        v = _load_rows(v_base, offs_n, offs_d, mask_n, mask_d, stride_vn, stride_vd, UPCAST)  # [BLOCK_N, D]
+        if not UPCAST:
             p = p.to(v.dtype)  # tensor-core operand, as flash-attention does
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -124,10 +132,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(q_base, offs_m, offs_d, mask_m, mask_d, stride_qm, stride_qd, UPCAST)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -165,12 +170,12 @@ def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, H, Lq, HEAD_DIM,
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < HEAD_DIM
+    o = _load_rows(o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, mask_m, mask_d, stride_om, stride_od,
+                   True)
+    do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, mask_m, mask_d, stride_dom,
+                    stride_dod, True)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Lq)
 
 
@@ -199,13 +204,10 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     mask_n = offs_n < Lk
     mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
-                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn
-                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k = _load_rows(k_base, offs_n, offs_d, mask_n, mask_d, stride_kn, stride_kd, UPCAST)
+    v = _load_rows(v_base, offs_n, offs_d, mask_n, mask_d, stride_vn, stride_vd, UPCAST)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # Causal: rows m < start_n cannot see any of these keys.
@@ -216,13 +218,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < Lq
-        qd_mask = mask_m[:, None] & mask_d[None, :]
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(q_base, offs_m, offs_d, mask_m, mask_d, stride_qm, stride_qd, UPCAST)
+        do = _load_rows(do_base, offs_m, offs_d, mask_m, mask_d, stride_dom, stride_dod, UPCAST)
         lse = tl.load(lse_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale     # [BLOCK_N, BLOCK_M]
@@ -267,15 +264,10 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
     mask_d = offs_d < HEAD_DIM
-    qd_mask = mask_m[:, None] & mask_d[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
-                mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    q = _load_rows(q_base, offs_m, offs_d, mask_m, mask_d, stride_qm, stride_qd, UPCAST)
+    do = _load_rows(do_base, offs_m, offs_d, mask_m, mask_d, stride_dom, stride_dod, UPCAST)
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -286,13 +278,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Lk
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        cols = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + cols * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_base, offs_n, offs_d, mask_n, mask_d, stride_kn, stride_kd, UPCAST)
+        v = _load_rows(v_base, offs_n, offs_d, mask_n, mask_d, stride_vn, stride_vd, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale        # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
         valid = mask_n[None, :]
@@ -305,8 +292,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             ds = ds.to(k.dtype)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
