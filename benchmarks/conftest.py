@@ -6,9 +6,13 @@ What lives here:
   ``--bench-sizes``, ``--bench-modes``, ``--bench-providers``, ``--bench-devices``, ``--bench-rounds``;
 * ``matmul_rate``: a session fixture measuring the machine's dense matmul rate (fp32 on CPU, bf16
   and fp32 on CUDA) in the same run as the benchmarks, so that every result can be stated as a
-  ratio to the FLOP floor at that rate;
-* ``peak_memory``: peak extra memory of one untimed call (RSS high-water mark on CPU, the caching
-  allocator's peak on CUDA), checked once per session against known allocations;
+  ratio to the FLOP floor at that rate (``fastclip.machine.measure_matmul_rate``, effort "full",
+  or "quick" under ``--bench-quick``);
+* ``peak_memory``: peak extra memory of one untimed call (``fastclip.machine.peak_memory``: RSS
+  high-water mark on CPU, the caching allocator's peak on CUDA), checked once per session against
+  known allocations;
+* ``suite``: every record's ``extra_info["suite"]`` names its suite (the module's ``SUITE``), which
+  ``benchmarks/report.py`` dispatches on;
 * the ``gpu`` marker (skipped with a reason without CUDA);
 * the record: machine details, both matmul-rate measurements (start and end of the session), the
   memory method and its self-check, and every skipped case with its reason are written into the
@@ -22,13 +26,11 @@ from __future__ import annotations
 import os
 import platform
 import re
-import statistics
-import time
 
 import pytest
 import torch
 
-from fastclip.testing import peak_extra_memory
+from fastclip.machine import CPU_PEAK_METHOD, measure_matmul_rate, peak_memory
 
 MiB = 2 ** 20
 
@@ -116,6 +118,25 @@ def pytest_itemcollected(item):
 
 
 # ----------------------------------------------------------------------------------------------
+# The suite of every record
+# ----------------------------------------------------------------------------------------------
+def suite_name(module) -> str:
+    """A suite module's ``SUITE`` (``test_<suite>_bench.py`` without one: ``<suite>``)."""
+    suite = getattr(module, "SUITE", None)
+    if suite:
+        return suite
+    m = re.fullmatch(r"test_(\w+?)_bench", module.__name__.rsplit(".", 1)[-1])
+    return m.group(1) if m else module.__name__
+
+
+@pytest.fixture(autouse=True)
+def _record_suite(request):
+    """Every pytest-benchmark record names its suite: ``extra_info["suite"]``, which report.py reads."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["suite"] = suite_name(request.module)
+
+
+# ----------------------------------------------------------------------------------------------
 # Machine information
 # ----------------------------------------------------------------------------------------------
 def _cpu_model() -> dict:
@@ -195,89 +216,28 @@ def machine(pytestconfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense matmul rate, measured in the same run
+# Dense matmul rate, measured in the same run (fastclip.machine: its docstring states the contract)
 # ----------------------------------------------------------------------------------------------
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_matmul_rate(device: str, dtype: torch.dtype, inner: int, quick: bool = False) -> dict:
-    """Best of several square-ish GEMMs (M x inner) @ (inner x M), after a warm-up.
-
-    The first GEMMs on a cold CPU run at about half speed for a few seconds (frequency ramp, thread
-    pool start, a shared host), so the warm-up runs at least ``warm_s`` seconds and then until the
-    best rate seen has not improved by more than 2% for ``settle_s`` seconds (at most ``max_s``).
-    The output is preallocated so that page faults of a fresh 64 MB result are not timed.  Returns
-    GFLOP/s (``gflops``: the best GEMM of the whole measurement; also best and median of the timed
-    GEMMs alone), the shape and how the warm-up went.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        m, reps, inner_iters = (8192 if quick else 16384), 5, (3 if quick else 10)
-        warm_s, settle_s, max_s = (0.2, 0.1, 1.0) if quick else (1.0, 0.5, 10.0)
-    else:
-        m, reps, inner_iters = (1024 if quick else 4096), (3 if quick else 7), 1
-        warm_s, settle_s, max_s = (0.3, 0.2, 2.0) if quick else (5.0, 2.0, 30.0)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(m, inner, generator=gen).to(device=dev, dtype=dtype)
-    b = torch.randn(m, inner, generator=gen).to(device=dev, dtype=dtype)
-    c = torch.empty(m, m, device=dev, dtype=dtype)
-    flops = 2.0 * m * m * inner * inner_iters
-
-    def once() -> float:
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(inner_iters):
-            torch.mm(a, b.T, out=c)
-        _sync(dev)
-        return time.perf_counter() - t0
-
-    t_start = time.perf_counter()
-    warm, best, best_at = [], float("inf"), 0.0
-    while True:
-        t = once()
-        warm.append(t)
-        now = time.perf_counter() - t_start
-        if t < best / 1.02:
-            best_at = now
-        best = min(best, t)
-        if now >= max_s or (now >= warm_s and now - best_at >= settle_s):
-            break
-    times = [once() for _ in range(reps)]
-    # The rate is the best GEMM seen (warm-up included): interference only ever slows a GEMM down,
-    # so the fastest one is the best estimate of what the machine can do.
-    return {
-        "gflops": flops / min(times + warm) / 1e9,
-        "gflops_timed_best": flops / min(times) / 1e9,
-        "gflops_median": flops / statistics.median(times) / 1e9,
-        "shape": f"({m} x {inner}) @ ({inner} x {m})" + (f" x{inner_iters}" if inner_iters > 1 else ""),
-        "reps": reps,
-        "warmup_s": round(time.perf_counter() - t_start - sum(times), 2),
-        "warmup_calls": len(warm),
-        "warmup_first_gflops": flops / warm[0] / 1e9,
-        "warmup_best_gflops": flops / best / 1e9,
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "inner": inner,
-    }
-
-
 def _rate_key(device: str, dtype: torch.dtype, inner: int) -> str:
     return f"{device}/{str(dtype).replace('torch.', '')}/D={inner}"
 
 
+def _effort(quick: bool) -> str:
+    return "quick" if quick else "full"
+
+
 @pytest.fixture(scope="session")
 def matmul_rate(pytestconfig):
-    """``rate(device, dtype, inner) -> dict`` with ``gflops`` (best of several GEMMs), measured once
-    per session and key, lazily (a CUDA rate is only measured when a CUDA case runs)."""
+    """``rate(device, dtype, inner) -> dict`` (``fastclip.machine.measure_matmul_rate``'s record, with
+    ``gflops``: the best of several GEMMs), measured once per session and key, lazily (a CUDA rate
+    is only measured when a CUDA case runs)."""
     store = pytestconfig._fastclip_bench["rates"]
-    quick = pytestconfig.getoption("--bench-quick")
+    effort = _effort(pytestconfig.getoption("--bench-quick"))
 
     def rate(device: str, dtype: torch.dtype, inner: int) -> dict:
         key = _rate_key(device, dtype, inner)
         if key not in store:
-            store[key] = {"start": measure_matmul_rate(device, dtype, inner, quick),
+            store[key] = {"start": measure_matmul_rate(device, dtype, inner, effort),
                           "args": (device, dtype, inner)}
         return store[key]["start"]
 
@@ -285,46 +245,33 @@ def matmul_rate(pytestconfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Peak extra memory
+# Peak extra memory (fastclip.machine.peak_memory)
 # ----------------------------------------------------------------------------------------------
-def cpu_peak_extra(fn):
-    """(peak extra bytes, fn's result) of one call: fastclip.testing.peak_extra_memory on CPU."""
-    peak, out = peak_extra_memory(fn, "cpu")
-    if peak is None:
-        raise OSError("/proc/self/clear_refs is not usable here: no CPU peak-memory measurement")
-    return peak, out
-
-
-def cuda_peak_extra(fn, device="cuda"):
-    """(peak extra bytes, fn's result) of one call, from the caching allocator's statistics."""
-    return peak_extra_memory(fn, device)
-
-
 def cpu_memory_self_check() -> dict:
     """Does the RSS method see known allocations?  64 MiB (the scale of the ≤128 MB target) and 1 GiB."""
-    result = {"method": "VmHWM - VmRSS_before (/proc/self/status; VmHWM reset by writing 5 "
-                        "to /proc/self/clear_refs)"}
-    try:
-        checks = []
-        for mib in (64, 1024):
-            # allocated, touched (ones), freed
-            peak, _ = cpu_peak_extra(lambda mib=mib: torch.ones(mib * MiB // 4).sum())
-            seen = peak / MiB
-            checks.append({"allocated_mib": mib, "seen_mib": round(seen, 1),
-                           "ok": abs(seen - mib) <= 0.05 * mib + 4})
-        result["checks"] = checks
-        result["ok"] = all(c["ok"] for c in checks)
-        if not result["ok"]:
-            result["reason"] = "RSS high-water mark does not match known allocations"
-    except OSError as exc:  # no /proc, or clear_refs not writable (some sandboxes)
-        result["ok"] = False
-        result["reason"] = f"{type(exc).__name__}: {exc}"
+    result = {"method": CPU_PEAK_METHOD}
+    checks = []
+    for mib in (64, 1024):
+        # allocated, touched (ones), freed
+        peak, _ = peak_memory(lambda mib=mib: torch.ones(mib * MiB // 4).sum(), "cpu")
+        if peak is None:  # no /proc, or clear_refs not writable (some sandboxes)
+            result["ok"] = False
+            result["reason"] = ("OSError: /proc/self/clear_refs is not usable here: no CPU peak-memory "
+                                "measurement")
+            return result
+        seen = peak / MiB
+        checks.append({"allocated_mib": mib, "seen_mib": round(seen, 1),
+                       "ok": abs(seen - mib) <= 0.05 * mib + 4})
+    result["checks"] = checks
+    result["ok"] = all(c["ok"] for c in checks)
+    if not result["ok"]:
+        result["reason"] = "RSS high-water mark does not match known allocations"
     return result
 
 
-@pytest.fixture(scope="session")
-def peak_memory(pytestconfig):
-    """``measure(fn, device) -> (peak extra bytes or None, fn's result)``.
+@pytest.fixture(scope="session", name="peak_memory")
+def peak_memory_fixture(pytestconfig):
+    """``measure(fn, device) -> (peak extra bytes or None, fn's result)`` (``fastclip.machine.peak_memory``).
 
     On CPU the method is self-checked once; if it fails, peaks are recorded as None (the reason is
     in the JSON) rather than as wrong numbers.
@@ -333,11 +280,9 @@ def peak_memory(pytestconfig):
     check = state["memory_check"] = cpu_memory_self_check()  # once, before any benchmark allocates
 
     def measure(fn, device: str):
-        if device.startswith("cuda"):
-            return cuda_peak_extra(fn, device)
-        if not check["ok"]:
-            return None, fn()
-        return cpu_peak_extra(fn)
+        if device.startswith("cuda") or check["ok"]:
+            return peak_memory(fn, device)
+        return None, fn()
 
     return measure
 
@@ -370,7 +315,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     quick = config.getoption("--bench-quick")
     for entry in state["rates"].values():
         if "end" not in entry:
-            entry["end"] = measure_matmul_rate(*entry["args"], quick=quick)
+            entry["end"] = measure_matmul_rate(*entry["args"], effort=_effort(quick))
     rates = _rates_record(state)
     output_json.setdefault("machine_info", {}).setdefault("fastclip", {})["matmul_rates"] = rates
     output_json["fastclip"] = {

@@ -44,6 +44,7 @@ import torch
 from fastclip.ops import dispatch
 from fastclip.ops.attention import attention, choose_backend
 
+SUITE = "attention"  # every record's extra_info["suite"] (conftest); attention_report.py renders them
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("triton", "flash_attn", "xformers", "sdpa", "reference")
 # name: (B, H, L, hd, causal)

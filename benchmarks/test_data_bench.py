@@ -50,6 +50,7 @@ import torch
 
 from fastclip.testing import load_open_clip_file
 
+SUITE = "data"  # every record's extra_info["suite"] (conftest); data_report.py renders them
 LOADER_PROVIDERS = ("pil", "dali", "dali-all", "dali-mixed")
 PRESETS = ("clip", "clip_aug")
 SETS = {"photo256": (256, 224), "shapes64": (64, 64)}  # source px, output px

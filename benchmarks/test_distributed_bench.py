@@ -24,7 +24,8 @@ Run (on a quiet machine; open_clip needs ~8 GiB per rank at the default size):
 Environment: FASTCLIP_DIST_BENCH_N (default 32768; 2048 with --bench-quick), FASTCLIP_DIST_BENCH_D
 (512), FASTCLIP_DIST_BENCH_RANKS (2), FASTCLIP_DIST_BENCH_ROUNDS (2 at N >= 16384, else 5),
 FASTCLIP_DIST_BENCH_PROVIDERS (comma list of fastclip_lean, open_clip_local_gwg, fastclip_siglip,
-open_clip_siglip; default the first two), FASTCLIP_DIST_BENCH_TIMEOUT (seconds, default 3600).
+open_clip_siglip; default the first two), FASTCLIP_DIST_BENCH_TIMEOUT (seconds, default 3600),
+FASTCLIP_DIST_BENCH_OUT (folder for the JSON record, default benchmarks/results).
 """
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ import traceback
 
 import pytest
 import torch
-from fastclip.testing import load_open_clip_file, peak_extra_memory
+from fastclip.machine import peak_memory
+from fastclip.testing import load_open_clip_file
 
+SUITE = "distributed"  # the record's "suite" (its own JSON); distributed_report.py renders it
 MiB = 2 ** 20
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# FASTCLIP_DIST_BENCH_OUT: another folder for the record (a smoke run that must not replace a kept one)
+RESULTS_DIR = (os.environ.get("FASTCLIP_DIST_BENCH_OUT")
+               or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 DEFAULT_PROVIDERS = ("fastclip_lean", "open_clip_local_gwg")
 ALL_PROVIDERS = DEFAULT_PROVIDERS + ("fastclip_siglip", "open_clip_siglip")
 BASELINE = {"fastclip_lean": "open_clip_local_gwg", "fastclip_siglip": "open_clip_siglip"}
@@ -56,7 +61,7 @@ TARGET_TIME_RATIO = 1.1
 # ----------------------------------------------------------------------------------------------
 def _peak_extra(fn, device: torch.device):
     """Peak extra bytes of one call of fn (None where it cannot be measured)."""
-    return peak_extra_memory(fn, device)[0]
+    return peak_memory(fn, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +274,7 @@ def test_distributed_loss_benchmark(pytestconfig, record_property):
     per_rank = [results[r] for r in range(P)]
     summary = _summarise(per_rank, cfg["providers"])
     record = {
+        "suite": SUITE,
         "benchmark": "distributed_loss",
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

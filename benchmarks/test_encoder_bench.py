@@ -54,6 +54,7 @@ from fastclip import testing
 from fastclip.flops import model_flops
 from fastclip.models import create_model, list_models
 
+SUITE = "encoder"  # every record's extra_info["suite"] (conftest); encoder_report.py renders them
 PROVIDERS = ("fastclip", "open_clip")
 OPEN_CLIP_CONFIGS = ("ViT-B-32", "ViT-B-16", "RN50")
 MASK_RATIOS = (0.0, 0.5, 0.75)

@@ -34,7 +34,7 @@ Memory
     Peak extra memory of one untimed call, counted from the state where the inputs (and, for
     ``bwd``, the forward's graph) already exist: workspace, saved tensors and the gradients
     themselves (``grad_mb`` says how much of it the gradients are).  CPU: RSS high-water mark (see
-    conftest.cpu_peak_extra, self-checked on 64 MiB and 1 GiB allocations at the session start).
+    fastclip.machine.peak_memory, self-checked on 64 MiB and 1 GiB allocations at the session start).
     CUDA: torch.cuda.max_memory_allocated.  The memory call is preceded by an untimed warm-up call
     on CUDA and, on CPU, for N <= 8192; at larger N on CPU it is itself the warm-up.
 
@@ -64,6 +64,7 @@ from fastclip.ops.siglip_loss import siglip_loss
 from fastclip import testing
 from fastclip.testing import load_open_clip_file
 
+SUITE = "loss"  # every record's extra_info["suite"] (conftest); loss_report.py renders them
 MODES = ("fwd", "bwd", "fwd+bwd")
 CPU_SIZES = (4096, 8192, 16384, 32768, 65536)
 CUDA_SIZES = (4096, 8192, 16384, 32768, 65536)

@@ -69,13 +69,14 @@ import fastclip
 from fastclip import testing
 from fastclip.data import AugmentConfig, ClipLoader, make_shapes_dataset
 from fastclip.data.synthetic import describe, sample_scene
-from fastclip.flops import text_flops
+from fastclip.flops import mfu, text_flops
 from fastclip.models import CLIPConfig, create_model
 from fastclip.train import DataConfig, OptimConfig, StrategyConfig, TrainConfig, build_strategy
 from fastclip.train.step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step
 from fastclip.train.trainer import build_loader
 from fastclip.train.strategies import LossContext
 
+SUITE = "train"  # every record's extra_info["suite"] (conftest); train_report.py renders them
 STRATEGIES = {  # label -> StrategyConfig fields
     "clip": {"name": "clip"},
     "flip0.5": {"name": "flip", "mask_ratio": 0.5},
@@ -332,11 +333,16 @@ def _spread(times: list) -> dict:
 
 
 def _rates(summary: dict, batch: int, counted: float, run_gflops: float, rate: float) -> dict:
-    sps = batch / summary["median_s"]
+    """Throughput of a step timing summary: samples/s, achieved GFLOP/s (counted and as run), and
+    their MFU against the matmul rate ``rate`` (GFLOP/s), through ``fastclip.flops.mfu``."""
+    median = summary["median_s"]
+    sps = batch / median
     achieved = counted * sps
+    fraction = mfu(counted * batch * 1e9, median, rate * 1e9)
     return {**summary, "samples_per_s": sps, "achieved_gflops": achieved, "achieved_gflops_run": run_gflops * sps,
-            "fraction_of_matmul_rate": achieved / rate, "fraction_of_matmul_rate_run": run_gflops * sps / rate,
-            "ratio_to_floor": rate / achieved}
+            "fraction_of_matmul_rate": fraction, "fraction_of_matmul_rate_run": mfu(run_gflops * batch * 1e9,
+                                                                                    median, rate * 1e9),
+            "ratio_to_floor": 1 / fraction}
 
 
 def _machine_line(machine: dict) -> str:
@@ -448,7 +454,7 @@ def test_train_step(benchmark, request, matmul_rate, peak_memory, machine, shape
     mem = _rates(_spread(mem_times), batch, counted, run_gflops, rate["gflops"])
     info = benchmark.extra_info
     info.update({
-        "suite": "train", "kind": "train_step", "device": device, "model": model_name, "image_size": image_size,
+        "kind": "train_step", "device": device, "model": model_name, "image_size": image_size,
         "strategy": strategy, "strategy_describe": run.strategy.describe(), "mask_ratio": run.mask_ratio,
         "batch": batch, "dtype": "float32" if _autocast_dtype(dev) is None else "bf16 autocast",
         "extra_views": run.augment.extra_views, "caption_tokens": tokens_run,
@@ -541,7 +547,7 @@ def test_train_targets(benchmark, request, matmul_rate, machine, device):
     t_clip = res["fastclip_clip"]["median_s"]
     flip_ratio = t_clip / res["fastclip_flip0.5"]["median_s"]
     summary = {
-        "suite": "train", "kind": "train_targets", "device": device, "model": model_name,
+        "kind": "train_targets", "device": device, "model": model_name,
         "image_size": image_size, "batch": batch, "rounds": rounds, "quick": quick,
         "dtype": "float32" if _autocast_dtype(dev) is None else "bf16 autocast", "caption_tokens": tokens_run,
         "matmul_gflops": rate["gflops"], "matmul_shape": rate["shape"],

@@ -15,31 +15,18 @@ import sys
 import time
 
 
-def _matmul_rate(d: int, repeats: int = 5) -> float:
-    """Best fp32 GEMM rate (FLOP/s) over (m x d) @ (d x m), m in 1024/2048/4096, after a warm-up.
-
-    The best of several shapes, so the floor is what BLAS really reaches on this machine."""
-    import torch
-    best_rate = 0.0
-    for m in (1024, 2048, 4096):
-        a, b = torch.randn(m, d), torch.randn(m, d)
-        for _ in range(3):  # the first GEMMs of a process run slow (thread pool, clocks)
-            a @ b.T
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b.T
-            best_rate = max(best_rate, 2 * m * m * d / (time.perf_counter() - t))
-    return best_rate
-
-
 def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> None:
     import torch
 
+    from .machine import measure_matmul_rate, peak_memory
     from .ops import clip_loss
-    from .testing import peak_extra_memory
-    rate = _matmul_rate(d)
+    # The benchmarks' measurement (fastclip.machine), so that "x floor" means what it means there.
+    print("measuring the dense matmul rate (5 to 30 s: the CPU warms up first) ...", flush=True)
+    measured = measure_matmul_rate("cpu", torch.float32, d, effort="full")
+    rate = measured["gflops"] * 1e9
     print(f"fastclip loss demo: fp32, D={d}, {torch.get_num_threads()} threads, "
-          f"measured matmul rate {rate / 1e9:.0f} GFLOP/s")
+          f"measured matmul rate {rate / 1e9:.0f} GFLOP/s ({measured['shape']}, best GEMM after "
+          f"{measured['warmup_s']} s of warm-up)")
     print(f"{'N':>6} {'backend':>10} {'loss':>10} {'fwd+bwd s':>10} {'x floor':>8} {'GFLOP/s':>8} {'peak MB':>8}")
     for n in sizes:
         g = torch.Generator().manual_seed(n)
@@ -56,7 +43,7 @@ def demo(sizes=(2048, 4096, 8192), d=512, backends=("chunked", "reference")) -> 
                 loss = clip_loss(x, y, s, backend=name)
                 loss.backward()
                 return loss.item(), time.perf_counter() - t
-            peak, (loss, secs) = peak_extra_memory(step)
+            peak, (loss, secs) = peak_memory(step)
             values[name] = (loss, x.grad)
             mb = f"{peak / 2**20:8.0f}" if peak is not None else "       -"
             print(f"{n:6d} {name:>10} {loss:10.5f} {secs:10.3f} {secs / floor:8.2f} "

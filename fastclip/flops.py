@@ -20,6 +20,7 @@ Conventions (stated once, used everywhere):
   LayerNorm and projection only, the
   text projection on the end-of-text token only, the ResNet attention pool with its single query.
 * A training step (forward + backward) costs about 3x the forward.
+* Utilisation (:func:`mfu`) is achieved FLOP/s over a peak FLOP/s, in plain FLOPs and seconds.
 
 ``torch.utils.flop_counter.FlopCounterMode`` agrees with these counts on fastclip's models (a test
 checks it); this module needs no model and no torch work, so budgets are computed instantly.
@@ -27,13 +28,14 @@ checks it); this module needs no model and no torch work, so budgets are compute
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from .models.config import CLIPConfig, TextConfig, VisionConfig
 from .ops.patch_mask import check_mask_ratio, num_kept
 
-__all__ = ["ModelFlops", "model_flops", "transformer_flops", "vit_flops", "text_flops", "resnet_flops"]
+__all__ = ["ModelFlops", "model_flops", "transformer_flops", "vit_flops", "text_flops", "resnet_flops", "mfu"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,30 @@ def model_flops(name: Union[str, CLIPConfig], mask_ratio: float = 0.0, image_siz
     text = text_flops(cfg.text_cfg, cfg.embed_dim)
     return ModelFlops(image=image / 1e9, text=text / 1e9, name=cfg.name, image_size=v.image_size, mask_ratio=r,
                       image_tokens=image_tokens, text_tokens=cfg.text_cfg.context_length)
+
+
+def _real(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: the fraction of ``peak_flops_per_s`` that a step of ``flops_per_step``
+    FLOPs taking ``seconds_per_step`` seconds achieves, ``flops_per_step / seconds_per_step /
+    peak_flops_per_s``.
+
+    Plain FLOPs, not GFLOPs (:class:`ModelFlops` and the trainer's budget count GFLOPs: multiply by
+    1e9).  Any matching totals work too (a window's FLOPs and seconds).  The peak is what the caller
+    compares against: a datasheet peak, or the dense matmul rate measured by
+    :func:`fastclip.machine.measure_matmul_rate` (its ``gflops`` x 1e9), against which 1.0 means "as
+    fast as one large GEMM" and more than 1.0 is possible when the rate was understated.
+
+        mfu(3 * model_flops("ViT-B-16").total * 1e9 * 256, 0.5, 312e12)   # one A100 bf16 step
+    """
+    flops = _real("flops_per_step", flops_per_step, positive=False)
+    seconds = _real("seconds_per_step", seconds_per_step, positive=True)
+    peak = _real("peak_flops_per_s", peak_flops_per_s, positive=True)
+    return flops / seconds / peak

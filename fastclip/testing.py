@@ -1,9 +1,7 @@
 """Helpers for comparing an op against its reference twin (used by fastclip's tests, usable by yours)."""
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import importlib
 import importlib.util
 import math
@@ -14,6 +12,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+
+from .machine import peak_memory
 
 # (dtype, atol, rtol) for a result computed from inputs of `dtype` against an fp64 oracle.  atol is
 # relative to the largest magnitude of the expected tensor, so one table serves losses (~log N) and
@@ -127,42 +127,9 @@ def load_open_clip_file(stem: str):
     return mod, None
 
 
-def _proc_status_kb() -> dict:
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith("Vm"))}
-
-
-def peak_extra_memory(fn, device=None):
-    """``(peak extra bytes, fn's result)`` of one call of ``fn``.
-
-    CUDA: the caching allocator's peak above what was allocated before.  CPU: torch's allocations
-    are invisible to tracemalloc, so the RSS high-water mark is used: gc and malloc_trim (memory
-    glibc kept after earlier frees would be reused unseen), reset VmHWM by writing 5 to
-    /proc/self/clear_refs, then VmHWM after the call minus VmRSS before.  It counts everything the
-    call touches (workspace, saved tensors, outputs such as gradients).  The bytes are None where
-    /proc cannot be used (not Linux, or a sandbox that forbids clear_refs).
-    """
-    gc.collect()
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before, out
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _proc_status_kb()["VmRSS"]
-    except OSError:
-        return None, fn()
-    out = fn()
-    return (_proc_status_kb()["VmHWM"] - before) * 1024, out
+# The older name of fastclip.machine.peak_memory (same arguments, same result), kept for callers of
+# this module; the measurement and its contract live in fastclip.machine.
+peak_extra_memory = peak_memory
 
 
 # open_clip's model code as an oracle: ``open_clip/model.py`` and what it imports need torchvision

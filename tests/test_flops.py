@@ -124,3 +124,31 @@ def test_errors():
         model_flops("RN50", image_size=100)
     with pytest.raises(ValueError, match="unknown model name"):
         model_flops("ViT-Z-1")
+
+
+def test_mfu_is_achieved_over_peak():
+    from fastclip.flops import mfu
+    assert mfu(1e12, 2.0, 1e12) == 0.5
+    assert mfu(0, 1.0, 1e9) == 0.0
+    assert mfu(3, 1, 2) == 1.5  # more than 1 when the peak was understated: reported, not clipped
+    # a training step of ViT-B-16 counted with model_flops (GFLOPs per sample -> FLOPs per step)
+    f = model_flops("ViT-B-16")
+    batch, seconds, peak = 256, 0.5, 312e12
+    assert mfu(f.train * 1e9 * batch, seconds, peak) == pytest.approx(f.train * batch / seconds * 1e9 / peak,
+                                                                      rel=1e-12)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((1e9, 0.0, 1e12), "seconds_per_step must be a positive finite number, got 0.0"),
+    ((1e9, -1.0, 1e12), "seconds_per_step must be a positive finite number, got -1.0"),
+    ((-1.0, 1.0, 1e12), "flops_per_step must be a non-negative finite number, got -1.0"),
+    ((float("nan"), 1.0, 1e12), "flops_per_step must be a non-negative finite number, got nan"),
+    ((1e9, 1.0, 0), "peak_flops_per_s must be a positive finite number, got 0"),
+    ((1e9, 1.0, float("inf")), "peak_flops_per_s must be a positive finite number, got inf"),
+    ((1e9, True, 1e12), "seconds_per_step must be a positive finite number, got True"),
+    (("1e9", 1.0, 1e12), "flops_per_step must be a non-negative finite number, got '1e9'"),
+])
+def test_mfu_bad_arguments_name_the_argument(args, match):
+    from fastclip.flops import mfu
+    with pytest.raises(ValueError, match=match):
+        mfu(*args)

@@ -122,6 +122,7 @@ class LogConfig:
     progress: bool = True     # tqdm bar
     tensorboard: bool = False
     plot: bool = True         # PNG of the loss and evaluation curves at the end
+    mfu: bool = True          # measure the matmul rate at the start (< 1 s) and log mfu against it
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """What a run reports: metrics as JSONL (and TensorBoard), a progress bar, curves as a PNG.
 
 ``metrics.jsonl`` has one JSON object per line: ``{"kind": "train", "step", "samples", "gflops",
-"seconds", "loss", "loss/<term>", "lr", "logit_scale", "mask_ratio", "samples_per_s", "data/..."}``
-every ``log.every_steps`` steps, and ``{"kind": "eval", "step", ..., "<set>/<metric>": value}`` after
-every evaluation.  A resumed run first drops the lines written after its checkpoint, so the file
+"seconds", "loss", "loss/<term>", "lr", "logit_scale", "mask_ratio", "samples_per_s", "gflops_per_s",
+"mfu", "data/..."}`` every ``log.every_steps`` steps, and ``{"kind": "eval", "step", ...,
+"<set>/<metric>": value}`` after every evaluation.  ``samples_per_s`` and ``gflops_per_s`` are over
+the wall time since the previous record; ``mfu`` (only with ``log.mfu``) is ``gflops_per_s`` as a
+fraction of the dense matmul rate measured at the start (``fastclip.train.trainer`` says how).
+A resumed run first drops the lines written after its checkpoint, so the file
 reads as one uninterrupted run.
 """
 from __future__ import annotations

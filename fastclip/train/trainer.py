@@ -14,6 +14,13 @@ steps until the budget is used:
     -> finite check -> gradient clipping -> AdamW step -> logit scale clamp -> budget
     -> log, evaluate, checkpoint
 
+Throughput: every train record has ``samples_per_s`` and ``gflops_per_s`` (the budget's training
+GFLOPs over wall time since the last record) and, with ``log.mfu`` (the default), ``mfu``: that
+rate over the dense matmul rate measured once before the first step by
+``fastclip.machine.measure_matmul_rate`` (effort "brief", inner dim 512, the training precision's
+dtype, on the main rank; times the number of ranks), computed by ``fastclip.flops.mfu``.  The
+measurement touches no RNG and no training state, and is not counted in the time budget.
+
 A resumed run continues bitwise where the checkpoint left it on CPU in fp32 (the loader's position
 inside its epoch, every RNG, the optimiser and the budget are restored); ``metrics.jsonl`` then
 reads as one uninterrupted run.
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..flops import mfu
 from .budget import Budget, lr_at
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .config import ConfigError, TrainConfig
@@ -41,6 +49,8 @@ from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimize
 from .strategies import LossContext, build_strategy
 
 __all__ = ["Trainer", "train", "TrainingDiverged", "build_loader"]
+
+MFU_MATMUL_INNER = 512  # inner dim of the GEMMs whose rate MFU is measured against (as in the benchmarks)
 
 # Config sections that may change between a checkpoint and its resumption (they change neither
 # the model nor the training trajectory's definition); everything else must match.
@@ -287,6 +297,7 @@ class Trainer:
             if self.resume_payload is not None:
                 self._restore(self.resume_payload)
             os.makedirs(cfg.output_dir, exist_ok=True)
+            self.matmul_rate = self._measure_matmul_rate() if cfg.log.mfu and main else None
             manager = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep)
             self.last_checkpoint = self.resume_path
             writer = MetricsWriter(cfg.output_dir, cfg.log.tensorboard,
@@ -309,12 +320,21 @@ class Trainer:
         finally:
             shutdown(self.dist)
 
+    def _measure_matmul_rate(self) -> dict:
+        """The dense matmul rate MFU is logged against (fastclip.machine's record, plus ``ranks``)."""
+        from ..machine import measure_matmul_rate
+        record = measure_matmul_rate(self.device, self.autocast_dtype or torch.float32, MFU_MATMUL_INNER,
+                                     effort="brief")
+        return {**record, "ranks": self.dist.world_size}
+
     def _loop(self, manager, writer, bar) -> dict:
         cfg, budget, dev = self.cfg, self.budget, self.device
         main = self.dist.is_main
         every_ckpt_s = cfg.checkpoint.every_minutes * 60
         last_ckpt_t = time.monotonic()
-        last_log = (time.perf_counter(), budget.used.samples)
+        last_log = (time.perf_counter(), budget.used.samples, budget.used.gflops)
+        # Every rank runs at the main rank's measured rate: the budget's GFLOPs are over all ranks.
+        peak_flops = self.matmul_rate["gflops"] * 1e9 * self.dist.world_size if self.matmul_rate else None
         epoch_iter = None
         batches_in_epoch = empty_epochs = 0
         done = False
@@ -373,19 +393,24 @@ class Trainer:
             progress = budget.progress()
             if loss is not None and main:
                 now = time.perf_counter()
-                rate = (budget.used.samples - last_log[1]) / max(1e-9, now - last_log[0])
+                window_s = max(1e-9, now - last_log[0])
+                rate = (budget.used.samples - last_log[1]) / window_s
                 bar.update(progress, step=self.step, loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
                 if self.step % cfg.log.every_steps == 0 or self.step == 1:
+                    window_gflops = budget.used.gflops - last_log[2]  # wall time, as samples_per_s
                     rec = {"kind": "train", "step": self.step, "epoch": self.loader.epoch - 1,
                            **budget.used.as_dict(), "progress": progress, "loss": loss.item(),
                            **{f"loss/{k}": v.item() for k, v in terms.items()}, "lr": lr,
                            "logit_scale": self.model.logit_scale.exp().item(), "mask_ratio": ratio,
-                           "samples_per_s": rate, "skipped_steps": self.skipped_steps,
+                           "samples_per_s": rate, "gflops_per_s": window_gflops / window_s,
+                           "skipped_steps": self.skipped_steps,
                            **{f"data/{k}": v for k, v in self.loader.stats.as_dict().items()}}
+                    if peak_flops is not None:
+                        rec["mfu"] = mfu(window_gflops * 1e9, window_s, peak_flops)
                     if cfg.optim.grad_clip is not None and loss is not None:
                         rec["grad_norm"] = float(grad_norm)
                     writer.write(rec)
-                    last_log = (time.perf_counter(), budget.used.samples)
+                    last_log = (time.perf_counter(), budget.used.samples, budget.used.gflops)
             finished = not budget.fits(budget.mask_ratio_at(budget.progress(clock=False)), clock=False)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not finished:
                 self._evaluate(writer, bar, evals)
@@ -405,7 +430,8 @@ class Trainer:
                    "accum_steps": cfg.data.accum_steps,
                    "final_eval": final, "checkpoint": self.last_checkpoint, "output_dir": cfg.output_dir,
                    "train_gflops_per_sample": {str(r): budget.step_cost(r) / budget.batch_size
-                                               for _, r in budget.phases}}
+                                               for _, r in budget.phases},
+                   "matmul_rate": self.matmul_rate}
         if main:
             import json
 

@@ -84,3 +84,13 @@ def test_every_default_is_printed():
     text = TrainConfig().to_yaml()
     for f in OptimConfig.__dataclass_fields__:
         assert f"  {f}:" in text
+
+
+def test_log_mfu_flag():
+    cfg = TrainConfig.from_dict(_ok())
+    assert cfg.log.mfu is True and "  mfu: true" in cfg.to_yaml()
+    assert TrainConfig.from_dict(_ok(), ["log.mfu=false"]).log.mfu is False
+    with pytest.raises(ConfigError, match="log.mfu must be true or false"):
+        TrainConfig.from_dict(_ok(), ["log.mfu=sometimes"])
+    with pytest.raises(ConfigError, match="did you mean 'log.mfu'"):
+        TrainConfig.from_dict(_ok(), ["log.mfuu=false"])

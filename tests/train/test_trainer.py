@@ -58,6 +58,30 @@ def test_a_run_writes_its_outputs_and_evaluates(shapes, tmp_path):
     load_checkpoint(model, os.path.join(out, "checkpoints", "step-00000008.pt"))
 
 
+def test_throughput_and_mfu_are_logged_without_changing_the_run(shapes, tmp_path):
+    """log.mfu measures the matmul rate once at the start and logs mfu (fastclip.flops.mfu) with the
+    achieved GFLOP/s; with it off nothing is measured; the losses are the same bit for bit."""
+    import json
+    import math
+    on = train(_cfg(shapes, tmp_path / "on", budget={"steps": 3}, checkpoint={"every_steps": 0}))
+    off = train(_cfg(shapes, tmp_path / "off", budget={"steps": 3}, checkpoint={"every_steps": 0},
+                     log={"mfu": False}))
+    assert _losses(str(tmp_path / "on")) == _losses(str(tmp_path / "off"))  # exact floats
+    rate = on["matmul_rate"]
+    assert rate["device"] == "cpu" and rate["dtype"] == "float32" and rate["ranks"] == 1
+    assert math.isfinite(rate["gflops"]) and rate["gflops"] > 0
+    with open(os.path.join(on["output_dir"], "summary.json")) as f:
+        assert json.load(f)["matmul_rate"]["gflops"] == rate["gflops"]
+    recs = [r for r in read_metrics(os.path.join(on["output_dir"], "metrics.jsonl")) if r["kind"] == "train"]
+    assert len(recs) == 3
+    for r in recs:  # positive and finite: nothing is decided from a timing
+        assert math.isfinite(r["gflops_per_s"]) and r["gflops_per_s"] > 0
+        assert math.isfinite(r["mfu"]) and r["mfu"] > 0
+    assert off["matmul_rate"] is None
+    recs = [r for r in read_metrics(os.path.join(off["output_dir"], "metrics.jsonl")) if r["kind"] == "train"]
+    assert all("mfu" not in r and r["gflops_per_s"] > 0 for r in recs)
+
+
 @pytest.mark.parametrize("strategy", ["flip", "slip", "clip_aug", "flip+clip_aug"])
 def test_strategies_train(shapes, tmp_path, strategy):
     cfg = _cfg(shapes, tmp_path / strategy, strategy={"name": strategy, "mask_ratio": 0.5, "unmasked_fraction": 0.25},
