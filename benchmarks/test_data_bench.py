@@ -329,7 +329,7 @@ def test_tokenizer(benchmark, pytestconfig, provider):
 
 
 def test_make_dataset_10k_at_64px(benchmark, tmp_path_factory):
-    """Built-in dataset generation: 10k samples at 64 px (the issue's target: under a minute)."""
+    """Built-in dataset generation: 10k samples at 64 px (target: under a minute)."""
     from fastclip.data import make_shapes_dataset
 
     def run():

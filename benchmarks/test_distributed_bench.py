@@ -12,7 +12,7 @@ P CUDA devices.  Per rank and provider it records:
   before the baseline, so the extra covers gathered features, statistics or logits, workspace
   and the gradients.
 
-Target (the issue): at N = 32768, D = 512, 2 ranks, fastclip's peak extra memory per rank <= 1/8 of
+Target: at N = 32768, D = 512, 2 ranks, fastclip's peak extra memory per rank <= 1/8 of
 open_clip's and its time <= 1.1x open_clip's.  The ratios and whether they meet the target go into
 the JSON record (benchmarks/results/distributed_loss_<device>_N<N>_D<D>_P<ranks>.json) and the
 printed table; nothing here asserts on speed (timings on shared machines are noisy).

@@ -24,7 +24,7 @@ What is measured (CPU, fp32; CUDA cases marked ``gpu``, bf16 autocast, run where
     (``tokens_per_sample``), open_clip's those of all 77; ``nominal_fwd_gflops_per_sample`` is
     ``model_flops``'s 77-token count for both.
 
-    ``test_flip_speedup_target`` (the issue's targets): the ViT-S-16 image tower at 128 px, batch
+    ``test_flip_speedup_target`` (targets): the ViT-S-16 image tower at 128 px, batch
     32, mask ratios 0 / 0.5 / 0.75 timed in interleaved rounds in one run; records throughput
     ratios to the unmasked step (targets: >= 1.9x at 0.5, >= 3.3x at 0.75; the FLOP ratios are
     about 1.97x and 3.8x).
@@ -275,7 +275,7 @@ def test_encoder(benchmark, request, matmul_rate, peak_memory, machine, device, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The issue's targets, each measured in one run with interleaved rounds
+# Targets, each measured in one run with interleaved rounds
 # ----------------------------------------------------------------------------------------------
 def _interleaved_medians(fns: dict, rounds: int) -> dict:
     times = {k: [] for k in fns}

@@ -5,7 +5,7 @@ are loaded on first use; ``python -m fastclip.info`` reports which backends can 
 """
 __version__ = "0.1.0"
 
-from . import data, eval, flops, ops
+from . import data, eval, flops, machine, ops
 from .models import CLIP, CLIPConfig, create_model, list_models
 from .nn import ClipLoss, SigLipLoss
 from .tokenizer import get_tokenizer

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Optional
 
+from ..lazy import optional_module, plotting
+
 __all__ = ["MetricsWriter", "ProgressBar", "read_metrics", "plot_curves"]
 
 
@@ -58,12 +60,11 @@ class MetricsWriter:
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception as exc:  # tensorboard not installed
-                raise RuntimeError(f"log.tensorboard=true needs the tensorboard package ({exc}); "
-                                   "pip install tensorboard") from None
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            tb, why = optional_module("torch.utils.tensorboard")
+            if tb is None:
+                raise RuntimeError(f"log.tensorboard=true needs the tensorboard package ({why}); "
+                                   "pip install tensorboard")
+            self._tb = tb.SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items()}
@@ -90,11 +91,10 @@ class ProgressBar:
         self._bar = None
         if not enabled:
             return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
+        tqdm_auto, _ = optional_module("tqdm.auto")
+        if tqdm_auto is None:
             return
-        self._bar = tqdm(total=1000, initial=int(initial * 1000), unit="‰", desc="budget",
+        self._bar = tqdm_auto.tqdm(total=1000, initial=int(initial * 1000), unit="‰", desc="budget",
                          bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
                          file=sys.stderr, dynamic_ncols=True,
                          mininterval=0.2 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s
@@ -123,11 +123,8 @@ class ProgressBar:
 def plot_curves(metrics_path: str, out_png: str) -> Optional[str]:
     """Loss (and learning rate) against samples seen, and every evaluation metric, as one PNG.
     Returns the path, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt, _ = plotting()
+    if plt is None:
         return None
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
