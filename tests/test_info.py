@@ -34,3 +34,11 @@ def test_report_as_a_dict_for_logs():
     cpu = d["devices"]["cpu"]["ops"]
     assert "float32" in cpu["clip_loss"]["chunked"]["usable"]
     assert set(cpu) >= {"clip_loss", "siglip_loss", "simclr_loss", "attention", "patch_mask"}
+
+
+def test_info_lists_simclr_loss():
+    from fastclip import info
+    out = info.report()
+    assert "simclr_loss:" in out
+    section = out.split("simclr_loss:", 1)[1]
+    assert "chunked    usable" in section and "reference  usable" in section

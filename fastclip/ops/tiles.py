@@ -152,18 +152,21 @@ def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_ls
     return ga, gb
 
 
-def finish_clip_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, sb, rows=slice(None)):
+def finish_clip_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, sb, rows: slice = slice(None)):
     """(grad_a, grad_b, grad_s): the last step of every CLIP backward, single-process and distributed.
 
     ga = P @ b [M, D] and gb = P.T @ a [K, D] in accumulation precision, finished in place (None
     where that input needs no gradient); ds = sum_i a_i.(P @ b)_i - lin / M, the raw dL/ds (None
-    where logit_scale needs none).  Row i of a is paired with row ``rows``[i] of b.  Subtracts the
+    where logit_scale needs none).  Row i of a is paired with row ``rows``[i] of b (``rows`` is a
+    slice, so that ``gb[rows]`` is a view written in place).  Subtracts the
     target terms, w * b[rows] from ga and w * a from gb[rows] (w = (1 - eps) / M), and with label
     smoothing (sa, sb given) smooth * sum b and smooth * sum a from every row; multiplies the
     feature gradients by ``coef`` (the incoming gradient times s) and ds by ``g`` (the incoming
     gradient), and casts each to its input's dtype.  w, smooth, coef and ds come from the callers,
     which compute them in different precisions (the distributed losses hold fp64 statistics).
     """
+    if not isinstance(rows, slice):
+        raise TypeError(f"rows must be a slice (gb[rows] is updated in place), got {type(rows).__name__}")
     acc = acc_dtype(a)
     grad_a = grad_b = grad_s = None
     if ds is not None:

@@ -1,4 +1,4 @@
-"""`fastclip filter` and `fastclip make-dataset`: scoring, top-k selection, rewritten shards, histogram."""
+"""fastclip.eval.filter: scoring pairs, top-k selection, rewritten shards, histogram, `fastclip filter`."""
 import csv
 import json
 import os
@@ -10,8 +10,8 @@ import torch
 import fastclip
 from fastclip.cli import main as cli_main
 from fastclip.data import ShardSource, make_shapes_dataset
-from fastclip.eval import filter_shards
 from fastclip.data.shards import DataStats
+from fastclip.eval import filter_shards
 
 
 @pytest.fixture(scope="module")

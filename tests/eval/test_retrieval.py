@@ -1,6 +1,8 @@
-"""Retrieval recall: chunked against the full-matrix reference, a hand-made case, the tie rule
-(ties count against the correct item), memory (no Ni x Nt matrix), the loop end to end on the
-built-in dataset, and every refusal."""
+"""fastclip.eval.retrieval: recall (chunked vs the full matrix), the tie rule, memory, the loop, refusals.
+
+Ties count against the correct item; no Ni x Nt matrix is allocated; the loop runs end to end on
+the built-in dataset.
+"""
 import math
 
 import pytest

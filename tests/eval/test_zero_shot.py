@@ -1,5 +1,4 @@
-"""Zero-shot evaluation: the classifier against a hand computation, metrics on features whose
-answer is known, the loop end to end on the built-in dataset, and every refusal."""
+"""fastclip.eval.zero_shot: the classifier by hand, metrics with known answers, the loop, refusals."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Named configs: open_clip's values, overrides, the JSON layout, errors."""
+"""fastclip.models.config: named configs, open_clip's values, overrides, the JSON layout, errors."""
 import dataclasses
 import json
 import math

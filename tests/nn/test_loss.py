@@ -1,17 +1,20 @@
-"""fastclip.ClipLoss / SigLipLoss: drop-in replacements for open_clip's losses."""
+"""fastclip.nn.loss: ClipLoss / SigLipLoss as drop-in replacements for open_clip's losses, and SimCLRLoss."""
 import inspect
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastclip
-from fastclip.ops import clip_loss, siglip_loss
+from fastclip.nn import SimCLRLoss
+from fastclip.ops import clip_loss, siglip_loss, simclr_loss
 from fastclip.testing import assert_close, load_open_clip_file
 
 
 def _open_clip_loss_module():
     return load_open_clip_file("loss")[0]
+
 
 OC = _open_clip_loss_module()
 needs_open_clip = pytest.mark.skipif(OC is None, reason="open-clip-torch is not installed")
@@ -134,3 +137,45 @@ def test_open_clip_style_training_step_is_unchanged():
         results.append([p.detach().clone() for p in params])
     for p, q in zip(*results):
         assert_close(p, q, torch.float32, what="parameters after 3 steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# SimCLRLoss
+# ----------------------------------------------------------------------------------------------
+def views(n, d, seed, scale_norm=1.0):
+    """Two views of n samples in fp64: correlated rows, like two augmentations of the same image."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = a + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return a * scale_norm, b * scale_norm
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_simclr_module_normalises(chunk):
+    a, b = (x.float() for x in views(20, 16, seed=2, scale_norm=3.0))
+    module = SimCLRLoss(temperature=0.2, chunk_size=chunk)
+    got = grads_of(module, a, b)
+
+    def on_normalised(x, y):
+        return simclr_loss(F.normalize(x, dim=-1), F.normalize(y, dim=-1), 0.2, backend="reference")
+    want = grads_of(on_normalised, a.double(), b.double())
+    for name, x, y, floor in zip(("loss", "d_view1", "d_view2"), got, want, (1.0, 1e-30, 1e-30)):
+        assert_close(x, y, torch.float32, what=name, scale_floor=floor)
+    # Scaling a view's rows changes nothing once they are normalised.
+    assert_close(module(a * 7.0, b), got[0], torch.float32, what="loss of rescaled view1", scale_floor=1.0)
+
+
+def test_simclr_module_arguments():
+    module = SimCLRLoss()
+    assert module.temperature == 0.1 and module.backend == "auto" and module.chunk_size is None
+    assert "temperature=0.1" in repr(module)
+    with pytest.raises(ValueError, match=r"temperature must be a finite float > 0, got 0"):
+        SimCLRLoss(temperature=0.0)
+    with pytest.raises(TypeError, match=r"view1 must be a torch.Tensor, got list"):
+        module([[1.0, 0.0]], torch.randn(1, 2))
+    with pytest.raises(TypeError, match=r"view2 must be a floating tensor"):
+        module(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"view1 must be 2-D \[N, D\]"):
+        module(torch.randn(4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"backend='bogus' is not a backend of simclr_loss"):
+        SimCLRLoss(backend="bogus")(torch.randn(3, 4), torch.randn(3, 4))

@@ -1,10 +1,8 @@
-"""attention: the Triton kernel (through TRITON_INTERPRET=1 on CPU) and sdpa against the reference,
-dispatch and its refusal reasons, flash-attn / xformers layout through fake modules, bad input.
+"""fastclip.ops.attention: every backend against the reference, dispatch, wrappers, bad input.
 
-Accuracy rule (flash-attention's): the error of a backend in dtype X against an fp64 oracle is at
-most twice the error of PyTorch's own attention computed in X (the reference formula with matmuls
-and softmax in X), plus a floor of 1e-6 x max|oracle| so that an exactly-right PyTorch result cannot
-make the bound 0.  Checked for the output and for dq, dk, dv.
+The Triton backend runs through TRITON_INTERPRET=1 on CPU; flash-attn / xformers are checked for
+layout through fake modules.  Accuracy rule: see _attention_oracle.py (error at most twice
+PyTorch's own in the same dtype).  The kernel launchers themselves: test_attention_triton.py.
 """
 import os
 
@@ -22,49 +20,13 @@ from fastclip.ops import attention, attention_reference, dispatch
 from fastclip.ops.attention import _run_flash_attn, _run_xformers, choose_backend
 from fastclip.testing import assert_close
 
+from ._attention_oracle import check_rule, fwd_bwd, make, oracle_and_pytorch
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_interp_or_cuda = pytest.mark.skipif(
     not CUDA and not dispatch.triton_interpreter(),
     reason="Triton needs CUDA or TRITON_INTERPRET=1 (set by this module unless the environment overrides it)")
-
-FLOOR = 1e-6  # x max|oracle|
-
-
-def make(B, H, Lq, Lk, D, dtype, seed=0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
-    do = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
-    return [t.to(device=device, dtype=dtype) for t in (q, k, v, do)]
-
-
-def fwd_bwd(fn, q, k, v, do):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
-    return (out,) + grads
-
-
-def check_rule(results, oracle, pytorch, what):
-    """results/oracle/pytorch: (out, dq, dk, dv).  err(results) <= 2 err(pytorch) + floor, per tensor
-    (assert_close with atol=FLOOR, rtol=0 and PyTorch's result as the peer); reports every failing tensor."""
-    msgs = []
-    for name, r, o, p in zip(("out", "dq", "dk", "dv"), results, oracle, pytorch):
-        try:
-            assert_close(r, o, what=name, atol=FLOOR, rtol=0.0, peers=[p])
-        except AssertionError as exc:
-            msgs.append(str(exc))
-    assert not msgs, f"{what}:\n" + "\n".join(msgs)
-
-
-def oracle_and_pytorch(q, k, v, do, causal, scale=None):
-    def ref64(a, b, c):
-        return attention_reference(a, b, c, causal=causal, scale=scale)
-    oracle = fwd_bwd(ref64, q.double(), k.double(), v.double(), do.double())
-    pytorch = fwd_bwd(lambda a, b, c: attention_reference(a, b, c, causal=causal, scale=scale, upcast=False),
-                      q, k, v, do)
-    return oracle, pytorch
-
 
 # CLIP's real lengths (50 = ViT-B/32, 77 = text, 197 = ViT-B/16, 257 = ViT-L/14), head dims
 # 32/64/128 and one that is padded (40); few cases, B * H tiny: the interpreter is slow.
@@ -98,24 +60,6 @@ def test_triton_within_twice_pytorch_error(case):
     assert res[0].dtype == dtype and all(g.dtype == dtype for g in res[1:])
     oracle, pytorch = oracle_and_pytorch(q, k, v, do, causal)
     check_rule(res, oracle, pytorch, f"triton {case_id(case)}")
-
-
-@needs_interp_or_cuda
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_small_blocks_cover_tails_and_diagonals(causal):
-    """Blocks much smaller than L, of unequal sizes, so that every code path runs: several key
-    blocks per tile, the unmasked/masked split of the forward, causal diagonal blocks, the dk/dv
-    loop start, and partial tail blocks (77 = 4 x 16 + 13 = 2 x 32 + 13)."""
-    from fastclip.ops import _attention_triton as kern
-    q, k, v, do = make(1, 2, 77, 77, 32, torch.float32, seed=3)
-    scale = 0.3
-    for bm, bn in ((32, 16), (16, 32)):
-        cfg = kern.LaunchConfig(bm, bn)
-        out, lse = kern.attention_fwd(q, k, v, causal=causal, scale=scale, config=cfg)
-        dq, dk, dv = kern.attention_bwd(do, q, k, v, out, lse, causal=causal, scale=scale,
-                                        config_dkdv=cfg, config_dq=cfg)
-        oracle, pytorch = oracle_and_pytorch(q, k, v, do, causal, scale)
-        check_rule((out, dq, dk, dv), oracle, pytorch, f"blocks {bm}x{bn} causal={causal}")
 
 
 @needs_interp_or_cuda
@@ -315,44 +259,3 @@ def test_bad_inputs_name_the_argument():
         attention(q, q, q, scale=float("nan"))
     with pytest.raises(TypeError, match=r"q must be a torch.Tensor, got list"):
         attention([1.0], q, q)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU code generation without a GPU
-# ----------------------------------------------------------------------------------------------
-AOT_SCRIPT = r'''
-import inspect, sys, torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from fastclip.ops import _attention_triton as A
-assert not A.INTERPRET
-ok = []
-for cc, dt, hd, causal in ((90, "bf16", 64, True), (90, "fp16", 128, False), (80, "fp32", 128, True)):
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
-    prec = "tf32x3" if dt == "fp32" else "ieee"
-    for fn, kind in ((A._attn_fwd_kernel, "fwd"), (A._attn_bwd_dkdv_kernel, "bwd_dkdv"), (A._attn_bwd_dq_kernel, "bwd_dq")):
-        cfg = A.default_config(kind, 197, 197, hd, tdt)
-        const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=A.block_d(hd), CAUSAL=causal, UPCAST=False,
-                     DOT_PRECISION=prec)
-        sig = {}
-        for p in inspect.signature(fn.fn).parameters:
-            sig[p] = ("constexpr" if p in const else "*fp32" if p in ("lse_ptr", "delta_ptr") else
-                      f"*{dt}" if p.endswith("_ptr") else "fp32" if p.endswith("scale") else "i32")
-        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", cc, 32),
-                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        assert k.metadata.shared <= 99 * 1024, (kind, dt, hd, k.metadata.shared)
-        ok.append(f"{kind}-{dt}-hd{hd}-sm{cc}")
-print(" ".join(ok))
-'''
-
-
-def test_kernels_compile_for_gpu_targets_without_a_gpu():
-    """Triton's ahead-of-time compiler (ptxas ships with triton) builds the kernels for sm80/sm90:
-    catches what the interpreter cannot (types, layouts, shared memory), on a CPU machine."""
-    import subprocess
-    if dispatch.package_status("triton.backends.nvidia.compiler"):
-        pytest.skip("triton's NVIDIA backend is not available: " + dispatch.package_status("triton.backends.nvidia.compiler"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(out.stdout.split()) == 9, out.stdout

@@ -1,4 +1,4 @@
-"""clip_loss: every CPU backend against the reference, for the loss and all gradients."""
+"""fastclip.ops.clip_loss: every CPU backend against the reference (loss and all gradients), bad input."""
 import math
 
 import pytest
@@ -9,29 +9,7 @@ from hypothesis import strategies as st
 from fastclip.ops import clip_loss, clip_loss_reference
 from fastclip.testing import assert_close
 
-SHAPES_N = [1, 7, 64, 300, 1000]
-SHAPES_D = [64, 257, 512]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def chunks_for(n):
-    """A chunk size that divides N, one that does not, and the default."""
-    divides = next(c for c in range(max(1, n // 4), n + 1) if n % c == 0)
-    ragged = n // 3 + 1 if n > 2 else 2
-    if n > 3 and n % ragged == 0:
-        ragged += 1
-    return [divides, ragged, None]
-
-
-def make(n, d, dtype, seed=0, normalise=True, scale_norm=1.0):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, d, generator=g, dtype=torch.float64)
-    b = torch.randn(n, d, generator=g, dtype=torch.float64)
-    if normalise:
-        a = torch.nn.functional.normalize(a, dim=1)
-        b = torch.nn.functional.normalize(b, dim=1) * 0.5 + a * 0.5  # correlated pairs, like training
-        b = torch.nn.functional.normalize(b, dim=1)
-    return (a * scale_norm).to(dtype), (b * scale_norm).to(dtype)
+from ._loss_cases import BACKENDS, DTYPES, SHAPES_D, SHAPES_N, LossBadInput, chunks_for, make, ok
 
 
 def run(fn, a, b, scale, bias=None, **kw):
@@ -209,3 +187,20 @@ def test_chunked_hypothesis(n, d, chunk, scale, eps, normalise, seed):
     want = oracle(a, b, scale, label_smoothing=eps)
     got = run(clip_loss, a, b, scale, backend="chunked", chunk_size=chunk, label_smoothing=eps)
     compare(got, want, torch.float64, floor=floors(a, b, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: every error names the argument (and the shapes)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestBadInput(LossBadInput):
+    @staticmethod
+    def call(a, b, scale=10.0, **kw):
+        return clip_loss(a, b, scale, **kw)
+
+
+def test_clip_bad_label_smoothing():
+    a, b = ok()
+    for eps in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
+            clip_loss(a, b, 10.0, label_smoothing=eps)

@@ -1,5 +1,9 @@
-"""patch_mask: the selection (random / grid / block), every gather backend against the reference
-(values and gradients, exactly: it is a copy), determinism, identity cases, the module, bad input."""
+"""fastclip.ops.patch_mask: selection modes, every gather backend against the reference, bad input.
+
+Values and gradients are compared exactly (the gather is a copy); also determinism, identity cases
+and the backend choice.  The module is tested in tests/nn/test_patch_mask.py, the Triton launchers
+in test_patch_mask_triton.py.
+"""
 import os
 
 import torch
@@ -11,7 +15,6 @@ import math
 
 import pytest
 
-from fastclip.nn import PatchMasking
 from fastclip.ops import dispatch, patch_mask, patch_mask_reference
 from fastclip.ops.patch_mask import block_shape, grid_window, num_kept, select_patches
 
@@ -172,45 +175,6 @@ def test_explicit_triton_on_cpu_without_interpreter_explains(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Module
-# ----------------------------------------------------------------------------------------------
-def test_module_train_eval_and_ratio():
-    x = tokens(2, 1, (14, 14), 16)
-    m = PatchMasking(0.75, mode="grid", grid_size=(14, 14))
-    y = m(x, generator=gen(0))
-    assert y.shape == (2, 50, 16)
-    y2, ids = m(x, generator=gen(0), return_ids=True)
-    assert torch.equal(y, y2) and ids.shape == (2, 49)
-    m.eval()
-    assert m(x) is x
-    m.train()
-    m.mask_ratio = 0.0
-    assert m(x) is x
-    m.mask_ratio = 0.5  # settable on a live model
-    assert m(x).shape == (2, 1 + 98, 16)
-    assert "mask_ratio=0.5" in repr(m)
-
-
-@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan")])
-def test_module_rejects_bad_ratio(bad):
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\), got"):
-        PatchMasking(bad)
-    m = PatchMasking(0.5)
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
-        m.mask_ratio = bad
-    assert m.mask_ratio == 0.5, "a rejected assignment leaves the ratio unchanged"
-
-
-def test_module_bad_config():
-    with pytest.raises(ValueError, match=r"grid_size=\(gh, gw\) is required for mode='block'"):
-        PatchMasking(0.5, mode="block")
-    with pytest.raises(ValueError, match=r"mode must be one of"):
-        PatchMasking(0.5, mode="checkerboard")
-    with pytest.raises(TypeError, match=r"mask_ratio must be a float in \[0, 1\), got str"):
-        PatchMasking("0.5")
-
-
-# ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
 def test_bad_input_names_the_argument():
@@ -238,50 +202,3 @@ def test_bad_input_names_the_argument():
         patch_mask(x.long(), 0.5)
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
         patch_mask(x, 0.5, generator=0)
-
-
-def test_kernel_compiles_for_a_gpu_target_without_a_gpu():
-    """Triton's ahead-of-time compiler builds the gather/scatter kernel for sm80 on a CPU machine."""
-    import subprocess
-    import sys
-    if dispatch.package_status("triton.backends.nvidia.compiler"):
-        pytest.skip("triton's NVIDIA backend is not available")
-    script = r'''
-import inspect, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from fastclip.ops import _patch_mask_triton as P
-assert not P.INTERPRET
-for scatter in (False, True):
-    const = dict(SCATTER=scatter, BLOCK_R=16, BLOCK_C=256)
-    sig = {p: ("constexpr" if p in const else "*i64" if p == "idx_ptr" else "*bf16" if p.endswith("_ptr") else "i32")
-           for p in inspect.signature(P._row_copy_kernel.fn).parameters}
-    triton.compile(ASTSource(P._row_copy_kernel, sig, const), target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
-print("ok")
-'''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_module_under_torch_compile_fullgraph(backend):
-    """Masking inside a compiled tower: the dispatch folds to a constant and the Triton kernels are
-    custom ops, so there is no graph break (with generator=None: Dynamo cannot trace a Generator)."""
-    torch._dynamo.reset()
-    m = PatchMasking(0.5, mode="block", grid_size=(7, 7), backend=backend)
-    x = tokens(2, 1, (7, 7), 8).requires_grad_()
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    y = compiled(x)
-    torch.manual_seed(0)
-    assert torch.equal(y, m(x))
-    (dx,) = torch.autograd.grad(y.sum(), x)
-    assert dx.sum().item() == y.numel()
-    # a new batch size (dynamic batch after recompiling) and a new ratio set on the live model
-    m.mask_ratio = 0.75
-    x = tokens(3, 1, (7, 7), 8)
-    torch.manual_seed(1)
-    y = compiled(x)
-    torch.manual_seed(1)
-    assert y.shape == (3, 1 + num_kept(49, 0.75), 8) and torch.equal(y, m(x))

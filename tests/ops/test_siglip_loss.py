@@ -1,5 +1,6 @@
-"""siglip_loss: chunked against the reference for the loss and all four gradients."""
+"""fastclip.ops.siglip_loss: chunked against the reference (loss and all four gradients), bad input."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from fastclip.ops import siglip_loss
 from fastclip.testing import assert_close
 
-from .test_clip_loss import DTYPES, SHAPES_D, SHAPES_N, chunks_for, make
+from ._loss_cases import BACKENDS, DTYPES, SHAPES_D, SHAPES_N, LossBadInput, chunks_for, make, ok
 
 NAMES = ("loss", "d_image", "d_text", "d_logit_scale", "d_logit_bias")
 
@@ -108,3 +109,21 @@ def test_no_grad_mode_skips_gradient_work(monkeypatch):
         siglip_loss(a, b, 10.0, -10.0, backend="chunked")
     siglip_loss(a, b, 10.0, -10.0, backend="chunked")
     assert calls == [False, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: every error names the argument (and the shapes)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestBadInput(LossBadInput):
+    @staticmethod
+    def call(a, b, scale=10.0, **kw):
+        return siglip_loss(a, b, scale, kw.pop("bias", -10.0), **kw)
+
+
+def test_siglip_bias_required_and_finite():
+    a, b = ok()
+    with pytest.raises(TypeError, match=r"logit_bias is required"):
+        siglip_loss(a, b, 10.0, None)
+    with pytest.raises(ValueError, match=r"logit_bias must be finite"):
+        siglip_loss(a, b, 10.0, math.nan)

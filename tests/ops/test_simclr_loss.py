@@ -1,5 +1,7 @@
-"""simclr_loss: the chunked backend against the reference and an independent SLIP-style formula,
-for the loss and the gradients of both views; bad input; backend choice; the SimCLRLoss module."""
+"""fastclip.ops.simclr_loss: chunked vs the reference and a SLIP-style formula, bad input, backends.
+
+The SimCLRLoss module is tested in tests/nn/test_loss.py.
+"""
 import math
 
 import pytest
@@ -8,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastclip.nn import SimCLRLoss
 from fastclip.ops import dispatch, simclr_loss, simclr_loss_reference
 from fastclip.testing import assert_close
 
@@ -355,44 +356,3 @@ def test_chunked_refuses_other_devices_with_a_reason():
     with pytest.raises(dispatch.BackendError,
                        match=r"backend 'chunked' \(backend=\) cannot run.*runs on cpu/cuda"):
         simclr_loss(a, a, backend="chunked")
-
-
-def test_info_lists_simclr_loss():
-    from fastclip import info
-    out = info.report()
-    assert "simclr_loss:" in out
-    section = out.split("simclr_loss:", 1)[1]
-    assert "chunked    usable" in section and "reference  usable" in section
-
-
-# ----------------------------------------------------------------------------------------------
-# The module
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk", [None, 5])
-def test_module_normalises(chunk):
-    a, b = make(20, 16, torch.float32, normalise=False, scale_norm=3.0, seed=2)
-    module = SimCLRLoss(temperature=0.2, chunk_size=chunk)
-    got = run(module, a, b)
-
-    def on_normalised(x, y):
-        return simclr_loss(F.normalize(x, dim=-1), F.normalize(y, dim=-1), 0.2, backend="reference")
-    want = run(on_normalised, a.double(), b.double())
-    compare(got, want, torch.float32, (1.0, 1e-30, 1e-30))
-    # Scaling a view's rows changes nothing once they are normalised.
-    assert_close(module(a * 7.0, b), got[0], torch.float32, what="loss of rescaled view1", scale_floor=1.0)
-
-
-def test_module_arguments():
-    module = SimCLRLoss()
-    assert module.temperature == 0.1 and module.backend == "auto" and module.chunk_size is None
-    assert "temperature=0.1" in repr(module)
-    with pytest.raises(ValueError, match=r"temperature must be a finite float > 0, got 0"):
-        SimCLRLoss(temperature=0.0)
-    with pytest.raises(TypeError, match=r"view1 must be a torch.Tensor, got list"):
-        module([[1.0, 0.0]], torch.randn(1, 2))
-    with pytest.raises(TypeError, match=r"view2 must be a floating tensor"):
-        module(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"view1 must be 2-D \[N, D\]"):
-        module(torch.randn(4), torch.randn(3, 4))
-    with pytest.raises(ValueError, match=r"backend='bogus' is not a backend of simclr_loss"):
-        SimCLRLoss(backend="bogus")(torch.randn(3, 4), torch.randn(3, 4))

@@ -1,5 +1,4 @@
-"""MultiheadSelfAttention: open_clip / nn.MultiheadAttention parameter layout and outputs, masks,
-the Triton backend through the module, torch.compile(fullgraph=True) on CPU and bf16 autocast."""
+"""fastclip.nn.attention: MultiheadSelfAttention vs nn.MultiheadAttention, Triton, compile, bf16."""
 import os
 
 import torch
