@@ -7,25 +7,10 @@ result's recorded floor (the matmul rate measured at the start of the run).
 """
 from __future__ import annotations
 
-from report import (
-    MODE_ORDER,
-    QUICK_NOTE,
-    bench_stats,
-    case_params,
-    fmt,
-    fmt_time,
-    order_of,
-    short_reason,
-    skip_count_lines,
-    skipped_of_test,
-    yes_no,
-)
+from report import (MODE_ORDER, QUICK_NOTE, bench_stats, case_params, fmt, fmt_time, order_of, short_reason,
+                    skip_count_lines, skipped_of_test, yes_no)
 
 SUITE = "attention"
-TITLE = "Attention"
-SECTION = "Attention"
-SECTION_WHEN_ALONE = True
-MACHINE_SECTION = True
 ATTENTION_PROVIDERS = ("triton", "flash_attn", "xformers", "sdpa", "reference")
 ATTENTION_CASE = ("device", "dtype", "shape", "B", "H", "L", "hd", "causal")
 

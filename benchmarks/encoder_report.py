@@ -10,23 +10,11 @@ from __future__ import annotations
 import math
 import re
 
-from report import (
-    QUICK_NOTE,
-    bench_stats,
-    device_skip_lines,
-    fmt,
-    fmt_time,
-    model_sort_key,
-    order_of,
-    skipped_of_test,
-    yes_no,
-)
+from report import (QUICK_NOTE, bench_stats, device_skip_lines, fmt, fmt_time, model_sort_key, order_of,
+                    skipped_of_test, yes_no)
 
 SUITE = "encoder"
-TITLE = "Encoder"
 SECTION = "Encoders"
-SECTION_WHEN_ALONE = True
-MACHINE_SECTION = True
 ENCODER_PROVIDERS = ("fastclip", "open_clip")
 VIT_B32_TARGET = 1.0  # test_vit_b32_vs_open_clip_target: fastclip no slower than open_clip
 

@@ -18,17 +18,8 @@ import re
 import sys
 from collections import defaultdict
 
-from report import (
-    MODE_ORDER,
-    best_rates,
-    fmt,
-    fmt_time,
-    machine_lines,
-    matmul_rates,
-    order_of,
-    rate_key,
-    short_reason,
-)
+from report import (MODE_ORDER, best_rates, fmt, fmt_time, machine_lines, matmul_rates, order_of, rate_key,
+                    short_reason)
 
 SUITE = "loss"
 PROVIDER_ORDER = ("chunked", "triton", "reference", "open_clip")

@@ -271,19 +271,30 @@ def table_sections(raw: dict, suites: dict) -> list:
     return out
 
 
+def suite_layout(mod) -> dict:
+    """How a suite module's tables are laid out.  A suite module may set ``TITLE`` ("# <TITLE>
+    benchmarks: <file>"; default: its SUITE name capitalised), ``SECTION`` ("## <SECTION>" in a
+    report of several suites; default: TITLE), ``SECTION_WHEN_ALONE`` (False: alone, its tables
+    follow the title directly) and ``MACHINE_SECTION`` (False: its tables name their machine)."""
+    title = getattr(mod, "TITLE", mod.SUITE.capitalize())
+    return {"title": title, "section": getattr(mod, "SECTION", title),
+            "section_when_alone": getattr(mod, "SECTION_WHEN_ALONE", True),
+            "machine_section": getattr(mod, "MACHINE_SECTION", True)}
+
+
 def sections_markdown(raw: dict, src: str, sections: list) -> list:
     """The lines of ``<stem>.md`` for the table suites."""
-    if len(sections) == 1 and not sections[0][0].SECTION_WHEN_ALONE:
-        mod, lines = sections[0]
-        return [f"# {mod.TITLE} benchmarks: {src}", ""] + lines
-    title = f"{sections[0][0].TITLE} benchmarks" if len(sections) == 1 else "Benchmarks"
+    layouts = [suite_layout(mod) for mod, _ in sections]
+    if len(sections) == 1 and not layouts[0]["section_when_alone"]:
+        return [f"# {layouts[0]['title']} benchmarks: {src}", ""] + sections[0][1]
+    title = f"{layouts[0]['title']} benchmarks" if len(sections) == 1 else "Benchmarks"
     body = [f"# {title}: {src}", ""]
-    if raw.get("machine_info", {}).get("fastclip") and any(mod.MACHINE_SECTION for mod, _ in sections):
+    if raw.get("machine_info", {}).get("fastclip") and any(lay["machine_section"] for lay in layouts):
         # These suites' tables use each result's recorded rate (the start one).
         cuda = any((b.get("extra_info") or {}).get("device") == "cuda" for b in raw.get("benchmarks", []))
         body += ["## Machine", ""] + machine_lines(raw, floors="recorded", cuda=cuda) + [""]
-    for mod, lines in sections:
-        body += [f"## {mod.SECTION}", ""] + lines + [""]
+    for (_, lines), lay in zip(sections, layouts):
+        body += [f"## {lay['section']}", ""] + lines + [""]
     body.pop()
     return body
 

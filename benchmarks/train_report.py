@@ -11,22 +11,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from report import (
-    QUICK_NOTE,
-    device_skip_lines,
-    fmt,
-    fmt_time,
-    model_sort_key,
-    order_of,
-    skipped_of_test,
-    yes_no,
-)
+from report import (QUICK_NOTE, device_skip_lines, fmt, fmt_time, model_sort_key, order_of, skipped_of_test,
+                    yes_no)
 
 SUITE = "train"
 TITLE = "Training"
-SECTION = "Training"
-SECTION_WHEN_ALONE = True
-MACHINE_SECTION = True
 TRAIN_STRATEGIES = ("clip", "flip0.5", "flip0.75", "slip", "clip_aug")
 TRAIN_STEP_NAMES = {"fastclip_clip": "fastclip CLIP", "fastclip_flip0.5": "fastclip FLIP, mask 0.5",
                     "open_clip_clip": "open_clip + `open_clip.loss.ClipLoss`"}

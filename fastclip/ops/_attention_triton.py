@@ -68,6 +68,18 @@ _LOG2E = 1.4426950408889634
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _program_block(pid, pid_bh, H, L, HEAD_DIM, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (pid, pid_bh)'s batch and head (int64), its rows pid*BLOCK.. of a length-L sequence
+    and the head-dim lanes, with their masks: (b, h, start, offs, offs_d, mask, mask_d)."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = pid * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, h, start, offs, offs_d, offs < L, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _load_rows(base, offs, offs_d, mask_rows, mask_d, stride_row, stride_d, UPCAST: tl.constexpr):
     """Rows ``offs`` of an [L, head_dim] matrix at ``base`` as a [rows, BLOCK_D] block (rows past L
     and the head-dim padding read as 0), cast to fp32 under the interpreter."""
@@ -119,19 +131,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start_m, offs_m, offs_d, mask_m, mask_d = _program_block(tl.program_id(0), pid_bh, H, Lq, HEAD_DIM,
+                                                                   BLOCK_M, BLOCK_D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     o_base = o_ptr + b * stride_ob + h * stride_oh
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < HEAD_DIM
     q = _load_rows(q_base, offs_m, offs_d, mask_m, mask_d, stride_qm, stride_qd, UPCAST)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -164,14 +170,9 @@ def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, H, Lq, HEAD_DIM,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[bh, m] = sum_d O[m, d] * dO[m, d] in fp32."""
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < HEAD_DIM
+    b, h, _, offs_m, offs_d, mask_m, mask_d = _program_block(tl.program_id(0), pid_bh, H, Lq, HEAD_DIM,
+                                                             BLOCK_M, BLOCK_D)
     o = _load_rows(o_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, mask_m, mask_d, stride_om, stride_od,
                    True)
     do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, mask_m, mask_d, stride_dom,
@@ -191,18 +192,12 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           qk_scale, sm_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start_n, offs_n, offs_d, mask_n, mask_d = _program_block(tl.program_id(0), pid_bh, H, Lk, HEAD_DIM,
+                                                                   BLOCK_N, BLOCK_D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     stat_base = pid_bh.to(tl.int64) * Lq
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < Lk
-    mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -253,17 +248,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         qk_scale, sm_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h, start_m, offs_m, offs_d, mask_m, mask_d = _program_block(tl.program_id(0), pid_bh, H, Lq, HEAD_DIM,
+                                                                   BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < HEAD_DIM
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     q = _load_rows(q_base, offs_m, offs_d, mask_m, mask_d, stride_qm, stride_qd, UPCAST)

@@ -40,17 +40,8 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import as_scalar_tensor, check_chunk_size, check_features, check_label_smoothing
-from .tiles import (
-    STAT_DTYPE,
-    acc_dtype,
-    chunked_lse,
-    chunked_softmax_grads,
-    default_chunk_size,
-    finish_clip_grads,
-    mm_dtype,
-    register_loss_backends,
-    rowdot_sum,
-)
+from .tiles import (STAT_DTYPE, acc_dtype, chunked_lse, chunked_softmax_grads, default_chunk_size,
+                    finish_clip_grads, mm_dtype, register_loss_backends, rowdot_sum)
 
 __all__ = [
     "clip_loss",

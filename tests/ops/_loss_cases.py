@@ -1,5 +1,5 @@
-"""Inputs and bad-input checks shared by the contrastive losses' test files (test_clip_loss.py,
-test_siglip_loss.py).
+"""Inputs and checks shared by the contrastive losses' test files (test_clip_loss.py,
+test_siglip_loss.py, test_simclr_loss.py).
 
 ``LossBadInput`` is not collected by itself (its name does not start with "Test"); each loss's
 test file subclasses it as ``TestBadInput`` with its own ``call`` and a ``backend`` parameter.
@@ -9,9 +9,21 @@ import math
 import pytest
 import torch
 
+from fastclip.testing import assert_close
+
 SHAPES_N = [1, 7, 64, 300, 1000]
 SHAPES_D = [64, 257, 512]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check_no_grad_forward(loss, reference):
+    """``loss(a, b)`` under ``torch.no_grad()`` builds no graph (forward only) and equals
+    ``reference`` on the same values in fp64 to fp32 rounding."""
+    a, b = make(40, 16, torch.float32)
+    with torch.no_grad():
+        got = loss(a, b)
+    assert not got.requires_grad
+    assert_close(got, reference(a.double(), b.double()), torch.float32)
 
 
 def chunks_for(n):

@@ -1,15 +1,28 @@
 """Inputs, oracles and tolerances shared by test_clip_loss_triton.py and test_siglip_loss_triton.py.
 
-Imports no Triton: the test files set TRITON_INTERPRET before they import Triton, then this.
+Import it before anything that imports Triton: without CUDA it sets TRITON_INTERPRET=1 (which must
+precede Triton's first import), skips the importing test module when Triton is missing, or when
+Triton was already imported without the interpreter (run that file in its own process then).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from fastclip.testing import TOLERANCES
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+pytest.importorskip("triton", reason="triton is not installed: the triton backend cannot run")
+
+from fastclip.ops._triton_utils import INTERPRET  # noqa: E402
+from fastclip.testing import TOLERANCES  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not INTERPRET:
+    pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
+                "run this file in its own process (or export TRITON_INTERPRET=1)", allow_module_level=True)
 
 # Tolerances: fastclip.testing.TOLERANCES, (dtype, atol, rtol) for results from inputs of `dtype`
 # against an fp64 oracle that sees the same (rounded) input values.  atol is relative to the largest

@@ -1,7 +1,8 @@
 """fastclip.ops._clip_loss_triton: the kernels vs the chunked engine; clip_loss(backend="triton").
 
-Without CUDA the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
-anything imports Triton), so shapes stay small: interpreter time grows with the number of tiles.
+Without CUDA the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set by
+``_triton_loss_cases`` before anything imports Triton), so shapes stay small: interpreter time
+grows with the number of tiles.
 Awkward shapes on purpose: M != K, N = 1, D = 257 (not a multiple of any block), non-contiguous
 inputs, and a small-block launch config that forces several row/column/D tiles, K1's persistent
 loop with merged partial rows, and the global read-modify-write gradient path.
@@ -9,40 +10,18 @@ loop with merged partial rows, and the global read-modify-write gradient path.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
-triton = pytest.importorskip("triton", reason="triton is not installed: the triton backend cannot run")
+# first: sets TRITON_INTERPRET=1 without CUDA, before anything imports Triton
+from ._triton_loss_cases import (API_CASES, DEVICE, DT_IDS, DTYPES, KINDS, NAMES, SHAPES, SMALL_BLOCKS,
+                                 api_inputs, features, natural_sizes, oracle_and_peers, run)
 
 from fastclip.ops import _clip_loss_triton as kclip
 from fastclip.ops import clip_loss
 from fastclip.ops.tiles import chunked_lse, chunked_softmax_grads
 from fastclip.testing import assert_close
-
-from ._triton_loss_cases import (
-    API_CASES,
-    DEVICE,
-    DT_IDS,
-    DTYPES,
-    KINDS,
-    NAMES,
-    SHAPES,
-    SMALL_BLOCKS,
-    api_inputs,
-    features,
-    natural_sizes,
-    oracle_and_peers,
-    run,
-)
-
-if DEVICE.type == "cpu" and not kclip.INTERPRET:
-    pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
-                "run this file in its own process (or export TRITON_INTERPRET=1)", allow_module_level=True)
 
 SMALL = kclip.LaunchConfig(**SMALL_BLOCKS)
 
@@ -151,7 +130,8 @@ def test_empty_side_gives_neutral_statistics():
     """No column (K = 0): every row lse is log(0) = -inf, and the gradients are zeros."""
     a, b = features(3, 16, torch.float32, seed=11), features(0, 16, torch.float32, seed=12)
     row, col = kclip.clip_lse(a, b, 1.0)
-    assert row.dtype == torch.float64 and row.shape == (3,) and torch.isneginf(row).all() and col.shape == (0,)
+    assert row.dtype == torch.float64 and row.shape == (3,) and torch.isneginf(row).all()
+    assert col.shape == (0,)
     ga, gb = kclip.clip_softmax_grads(a, b, 1.0, torch.zeros(3, device=DEVICE), torch.zeros(0, device=DEVICE))
     assert ga.shape == (3, 16) and not ga.any() and gb.shape == (0, 16)
 

@@ -1,48 +1,27 @@
 """fastclip.ops._siglip_loss_triton: the sweep vs the chunked one; siglip_loss(backend="triton").
 
-Without CUDA the kernel runs through the Triton interpreter (TRITON_INTERPRET=1, set below before
-anything imports Triton), so shapes stay small: interpreter time grows with the number of tiles.
+Without CUDA the kernel runs through the Triton interpreter (TRITON_INTERPRET=1, set by
+``_triton_loss_cases`` before anything imports Triton), so shapes stay small: interpreter time
+grows with the number of tiles.
 Awkward shapes on purpose: M != K, N = 1, D = 257 (not a multiple of any block), non-contiguous
 inputs, and a small-block launch config that forces several row/column/D tiles and the global
 read-modify-write gradient path.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
-triton = pytest.importorskip("triton", reason="triton is not installed: the triton backend cannot run")
+# first: sets TRITON_INTERPRET=1 without CUDA, before anything imports Triton
+from ._triton_loss_cases import (API_CASES, DT_IDS, DTYPES, KINDS, NAMES, SHAPES, SMALL_BLOCKS, api_inputs,
+                                 features, natural_sizes, oracle_and_peers, run)
 
 from fastclip.ops import _siglip_loss_triton as ksig
 from fastclip.ops import siglip_loss
-from fastclip.ops._triton_utils import INTERPRET, LaunchConfig
+from fastclip.ops._triton_utils import LaunchConfig
 from fastclip.ops.siglip_loss import chunked_siglip_sweep
 from fastclip.testing import assert_close
-
-from ._triton_loss_cases import (
-    API_CASES,
-    DEVICE,
-    DT_IDS,
-    DTYPES,
-    KINDS,
-    NAMES,
-    SHAPES,
-    SMALL_BLOCKS,
-    api_inputs,
-    features,
-    natural_sizes,
-    oracle_and_peers,
-    run,
-)
-
-if DEVICE.type == "cpu" and not INTERPRET:
-    pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
-                "run this file in its own process (or export TRITON_INTERPRET=1)", allow_module_level=True)
 
 SMALL = LaunchConfig(**SMALL_BLOCKS)
 

@@ -78,12 +78,17 @@ def test_device_ctx_is_a_no_op_off_cuda():
 # Device functions, through small test kernels (masked tails: sizes that are not block multiples)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_kernel(x_ptr, y_ptr, out_ptr, M, N, D, sxm, sxd, sym, syd, som, son,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _lanes(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program covers rows < M and columns < N of blocks that may be larger (masked tails)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _logits_kernel(x_ptr, y_ptr, out_ptr, M, N, D, sxm, sxd, sym, syd, som, son,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m, offs_n, mask_m, mask_n = _lanes(M, N, BLOCK_M, BLOCK_N)
     z = logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, sxm, sxd, sym, syd,
                     BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, "ieee")
     tl.store(out_ptr + offs_m[:, None] * som + offs_n[None, :] * son, z, mask=mask_m[:, None] & mask_n[None, :])
@@ -92,10 +97,7 @@ def _logits_kernel(x_ptr, y_ptr, out_ptr, M, N, D, sxm, sxd, sym, syd, som, son,
 @triton.jit
 def _pv_kernel(p_ptr, y_ptr, out_ptr, M, N, D, spm, spn, sym, syd, som, sod,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_IN_REGS: tl.constexpr):
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = _lanes(M, N, BLOCK_M, BLOCK_N)
     p = tl.load(p_ptr + offs_m[:, None] * spm + offs_n[None, :] * spn, mask=mask_m[:, None] & mask_n[None, :],
                 other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
