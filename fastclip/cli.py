@@ -7,6 +7,7 @@
     fastclip make-dataset    write the built-in captioned shapes dataset as webdataset shards
     fastclip filter          keep the top k% of a shard set by CLIP score; new shards + histogram
     fastclip train           train under a compute budget (--config run.yaml key=value ...)
+    fastclip fit             fit power laws of error against compute to a results table; plot them
 """
 from __future__ import annotations
 
@@ -169,9 +170,19 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
     _add_data_commands(sub)
     _add_train_command(sub)
+    from .scaling.commands import add_fit_arguments
+    add_fit_arguments(sub.add_parser("fit", help="fit power laws of error against compute to a results table "
+                                                 "(the scaling-law study's CSV or a sweep's); plot them"))
     args = parser.parse_args(argv)
     if args.cmd == "train":
         return _run_train(args, parser)
+    if args.cmd == "fit":
+        from .scaling.commands import run_fit
+        try:
+            run_fit(args)
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(f"fit: {exc}")
+        return 0
     if _run_data_command(args, parser):
         return 0
     if args.cmd == "info":

@@ -1,0 +1,100 @@
+"""``fastclip fit``: a results table -> power-law fits -> a plot, a JSON and the formulas.
+
+    fastclip fit zeroshot_results.csv --metric acc1 --dataset imagenet1k --out fit-imagenet
+    fastclip fit sweep.csv --metric zero_shot/top1 --compute gflops --group-by model
+
+Grouping: ``--group-by auto`` (the default) follows the scaling-law study where the table has its
+``upstream_dataset`` column (LAION-trained models on their frontier, OpenAI's CLIP-WIT models by
+least squares through all points); otherwise one group.  ``--group-by COLUMN`` fits each value of
+a column separately with ``--method``; ``--group-by none`` fits every row together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+__all__ = ["add_fit_arguments", "run_fit"]
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="results CSV (the scaling-law study's layout, or fastclip sweep's)")
+    p.add_argument("--metric", required=True, help="metric column; error = 1 - metric (e.g. acc1)")
+    p.add_argument("--dataset", default=None,
+                   help="keep rows with this downstream_dataset (e.g. imagenet1k, mscoco_captions)")
+    p.add_argument("--compute", default="gmacs_total", help="compute column (default gmacs_total; gflops for sweeps)")
+    p.add_argument("--group-by", default="auto", help="auto, none, or a column whose values are fitted separately")
+    p.add_argument("--method", default="frontier", choices=("frontier", "lstsq"), help="fit method of every group "
+                   "(with --group-by auto the study's methods are used)")
+    p.add_argument("--form", default="power", choices=("power", "saturating"))
+    p.add_argument("--bins", type=int, default=5, help="log-compute bins of the frontier (default 5)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for confidence intervals (0: none)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--predict", type=float, nargs="*", default=[], help="compute values to predict the error at")
+    p.add_argument("--out", default=None, help="output stem: writes <out>.json and <out>.png (default: no files)")
+
+
+def _groups(rows, args):
+    from .results import select_points, study_groups
+    where = {"downstream_dataset": args.dataset} if args.dataset else {}
+    if args.group_by == "auto":
+        if rows and "upstream_dataset" in rows[0] and args.dataset:
+            return study_groups(rows, args.metric, args.dataset, compute=args.compute)
+        return [select_points(rows, args.metric, compute=args.compute, where=where, method=args.method)]
+    if args.group_by == "none":
+        return [select_points(rows, args.metric, compute=args.compute, where=where, method=args.method)]
+    if args.group_by not in rows[0]:
+        raise ValueError(f"--group-by {args.group_by!r} is not a column of the table; its columns are {list(rows[0])}")
+    out = []
+    for value in sorted({r[args.group_by] for r in rows}):
+        try:
+            out.append(select_points(rows, args.metric, compute=args.compute, method=args.method,
+                                     where={**where, args.group_by: value}, name=f"{args.group_by}={value}"))
+        except ValueError as exc:
+            if "no row has a value" not in str(exc):
+                raise
+    if not out:
+        raise ValueError(f"no row has a value for metric {args.metric!r}")
+    return out
+
+
+def run_fit(args) -> dict:
+    """Fit every group; print the formulas (and predictions); write <out>.json / <out>.png."""
+    from .fit import fit_power_law
+    from .plot import plot_fits
+    from .results import load_results
+    rows = load_results(args.table)
+    groups = _groups(rows, args)
+    fitted, report = [], {"table": os.path.abspath(args.table), "metric": args.metric, "dataset": args.dataset,
+                          "compute": args.compute, "groups": {}}
+    for pts in groups:
+        fit = fit_power_law(pts.compute, pts.error, pts.method, form=args.form, bins=args.bins,
+                            bootstrap=args.bootstrap, level=args.level)
+        fitted.append((pts, fit))
+        entry = fit.as_dict()
+        entry["runs"] = len(pts.compute)
+        line = f"{pts.name}: {fit.formula()}  ({fit.method}, {len(fit.compute)} of {len(pts.compute)} points)"
+        if fit.ci:
+            line += "  " + ", ".join(f"{k} in [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in fit.ci.items())
+        print(line)
+        preds = []
+        for c in args.predict:
+            p = {"compute": c, "error": float(fit.predict(c)), "extrapolated": bool(fit.extrapolates(c))}
+            if fit.samples is not None:
+                lo, hi = fit.interval(c)
+                p["interval"] = [float(lo), float(hi)]
+            preds.append(p)
+            band = f" [{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]" if "interval" in p else ""
+            print(f"  at {c:.4g}: error {p['error']:.4f}{band}" + ("  (extrapolated)" if p["extrapolated"] else ""))
+        entry["predictions"] = preds
+        report["groups"][pts.name] = entry
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        title = f"{args.metric}" + (f" on {args.dataset}" if args.dataset else "")
+        why = plot_fits(fitted, args.out + ".png", title=title, xlabel=args.compute,
+                        ylabel=f"error (1 - {args.metric})")
+        report["plot"] = None if why else args.out + ".png"
+        print(f"wrote {args.out}.json" + (f" and {args.out}.png" if not why else f" (no plot: {why})"))
+    return report
