@@ -8,6 +8,7 @@
     fastclip filter          keep the top k% of a shard set by CLIP score; new shards + histogram
     fastclip train           train under a compute budget (--config run.yaml key=value ...)
     fastclip fit             fit power laws of error against compute to a results table; plot them
+    fastclip plan            from a compute budget and a dataset size to the model and strategy to train
 """
 from __future__ import annotations
 
@@ -170,18 +171,20 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
     _add_data_commands(sub)
     _add_train_command(sub)
-    from .scaling.commands import add_fit_arguments
+    from .scaling.commands import add_fit_arguments, add_plan_arguments
     add_fit_arguments(sub.add_parser("fit", help="fit power laws of error against compute to a results table "
                                                  "(the scaling-law study's CSV or a sweep's); plot them"))
+    add_plan_arguments(sub.add_parser("plan", help="recommend the model and strategy for a compute budget, with "
+                                                   "the predicted error, and print the training command"))
     args = parser.parse_args(argv)
     if args.cmd == "train":
         return _run_train(args, parser)
-    if args.cmd == "fit":
-        from .scaling.commands import run_fit
+    if args.cmd in ("fit", "plan"):
+        from .scaling.commands import run_fit, run_plan
         try:
-            run_fit(args)
+            (run_fit if args.cmd == "fit" else run_plan)(args)
         except (ValueError, FileNotFoundError) as exc:
-            parser.error(f"fit: {exc}")
+            parser.error(f"{args.cmd}: {exc}")
         return 0
     if _run_data_command(args, parser):
         return 0

@@ -1,7 +1,10 @@
-"""``fastclip fit``: a results table -> power-law fits -> a plot, a JSON and the formulas.
+"""``fastclip fit``: a results table -> power-law fits -> a plot, a JSON and the formulas;
+``fastclip plan``: a compute budget and a dataset size -> the model and strategy to train.
 
     fastclip fit zeroshot_results.csv --metric acc1 --dataset imagenet1k --out fit-imagenet
     fastclip fit sweep.csv --metric zero_shot/top1 --compute gflops --group-by model
+    fastclip plan --gflops 1e12 --dataset-size 4e8
+    fastclip plan --hours 24 --results sweep.csv --metric zero_shot/top1
 
 Grouping: ``--group-by auto`` (the default) follows the scaling-law study where the table has its
 ``upstream_dataset`` column (LAION-trained models on their frontier, OpenAI's CLIP-WIT models by
@@ -14,7 +17,7 @@ import argparse
 import json
 import os
 
-__all__ = ["add_fit_arguments", "run_fit"]
+__all__ = ["add_fit_arguments", "run_fit", "add_plan_arguments", "run_plan"]
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,3 +101,73 @@ def run_fit(args) -> dict:
         report["plot"] = None if why else args.out + ".png"
         print(f"wrote {args.out}.json" + (f" and {args.out}.png" if not why else f" (no plot: {why})"))
     return report
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gflops", type=float, help="training compute budget in GFLOPs (3 x forward, as fastclip.flops)")
+    g.add_argument("--hours", type=float, help="training time budget in device-hours (see --throughput)")
+    p.add_argument("--throughput", type=float, default=None,
+                   help="sustained training GFLOP/s for --hours (default: this machine's measured matmul rate "
+                        "x --mfu)")
+    p.add_argument("--mfu", type=float, default=0.35,
+                   help="fraction of the matmul rate training sustains, for --hours without --throughput "
+                        "(default 0.35)")
+    p.add_argument("--dataset-size", type=float, default=None, help="image-text pairs available")
+    p.add_argument("--results", default=None, help="your results table (a sweep's CSV); default: the study's "
+                                                   "published results")
+    p.add_argument("--metric", default=None, help="with --results: the metric column (e.g. zero_shot/top1); "
+                   "built-in: imagenet-zeroshot (default) or coco-image-retrieval")
+    p.add_argument("--compute", default="gflops", help="with --results: the compute column (default gflops)")
+    p.add_argument("--bootstrap", type=int, default=500, help="resamples for the intervals (default 500)")
+    p.add_argument("--train-shards", default="<your shards>", help="shards to put in the printed command")
+    p.add_argument("--json", default=None, help="also write the plan as JSON here")
+
+
+def _budget_gflops(args) -> tuple[float, str]:
+    if args.gflops is not None:
+        return args.gflops, f"{args.gflops:.4g} GFLOPs"
+    if not args.hours or args.hours <= 0:
+        raise ValueError(f"--hours must be > 0, got {args.hours}")
+    if args.throughput is not None:
+        if args.throughput <= 0:
+            raise ValueError(f"--throughput must be > 0, got {args.throughput}")
+        rate, how = args.throughput, f"{args.throughput:.4g} GFLOP/s (given)"
+    else:
+        if not 0 < args.mfu <= 1:
+            raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+        from ..machine import measure_matmul_rate
+        print("measuring this machine's matmul rate ...", flush=True)
+        peak = measure_matmul_rate(effort="quick")["gflops"]
+        rate, how = peak * args.mfu, f"{peak:.4g} GFLOP/s measured matmul rate x mfu {args.mfu}"
+    gflops = rate * args.hours * 3600
+    return gflops, f"{args.hours:g} h at {how} = {gflops:.4g} GFLOPs"
+
+
+def run_plan(args):
+    """Print the ranked candidates with one line each, and the command to run."""
+    from .plan import plan_from_published, plan_from_results
+    from .results import load_results
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    budget, how = _budget_gflops(args)
+    if args.results:
+        if not args.metric:
+            raise ValueError("--results needs --metric (the metric column to plan for)")
+        plan = plan_from_results(load_results(args.results), budget, args.metric, dataset_size=args.dataset_size,
+                                 compute=args.compute, bootstrap=args.bootstrap)
+    else:
+        plan = plan_from_published(budget, args.dataset_size, metric=args.metric or "imagenet-zeroshot",
+                                   bootstrap=args.bootstrap)
+    print(f"budget: {how}; laws: {plan.source}; metric: {plan.metric}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    for rank, cand in enumerate(plan.candidates, 1):
+        print(f"{rank}. {cand.explain()}")
+    print(f"recommended: {plan.best.model} with {plan.best.strategy}")
+    print(plan.command(args.train_shards))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(plan.as_dict(), command=plan.command(args.train_shards), budget=how), f, indent=2)
+    return plan

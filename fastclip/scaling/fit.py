@@ -77,9 +77,9 @@ class PowerLawFit:
         c = _positive_array(compute, "compute")
         return (c < self.compute.min()) | (c > self.compute.max())
 
-    def formula(self, digits: int = 3) -> str:
-        """"E = 1.48 * C^-0.110" (and " + c" for the saturating form)."""
-        base = f"E = {self.a:.{digits}g} * C^{self.b:.{digits}f}"
+    def formula(self, digits: int = 3, var: str = "C") -> str:
+        """"E = 1.48 * C^-0.110" (and " + c" for the saturating form); ``var`` names the variable."""
+        base = f"E = {self.a:.{digits}g} * {var}^{self.b:.{digits}f}"
         return base + (f" + {self.c:.{digits}g}" if self.form == "saturating" else "")
 
     def as_dict(self) -> dict:
