@@ -39,7 +39,7 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Suites whose tables go into <stem>.md, in the order a report of several shows them.
-TABLE_SUITES = ("data", "attention", "encoder", "train", "distributed")
+TABLE_SUITES = ("data", "attention", "encoder", "train", "eval", "distributed")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 DRIFT_WARN = 0.10
 QUICK_NOTE = "; **quick mode: tiny sizes, the timings mean nothing**"
