@@ -23,6 +23,7 @@ What is measured
 
 Nothing here asserts on speed.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -52,6 +53,7 @@ def _machine_line(machine: dict) -> str:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, pytestconfig):
     from fastclip.data import make_shapes_dataset
+
     out = tmp_path_factory.mktemp("eval-bench")
     n = QUICK_IMAGES if _quick(pytestconfig) else N_IMAGES
     info = make_shapes_dataset(str(out), num_samples=n, image_size=64, seed=11, samples_per_shard=256)
@@ -65,14 +67,23 @@ def test_eval(benchmark, pytestconfig, matmul_rate, machine, shards, model_name,
     from fastclip.data import CLASSNAMES, TEMPLATES, ClipLoader
     from fastclip.eval import evaluate_retrieval, evaluate_zero_shot
     from fastclip.flops import model_flops
+
     pattern, n = shards
     size = 32 if _quick(pytestconfig) else MODELS[model_name]
     torch.manual_seed(0)
     model = create_model(model_name, image_size=size).eval()
     tokenizer = get_tokenizer(model_name)
-    loader = ClipLoader(pattern, BATCH, image_size=size, train=False, shuffle=0, num_threads=THREADS,
-                        with_labels=(task == "zeroshot"), tokenizer=None if task == "zeroshot" else tokenizer,
-                        backend="pil")
+    loader = ClipLoader(
+        pattern,
+        BATCH,
+        image_size=size,
+        train=False,
+        shuffle=0,
+        num_threads=THREADS,
+        with_labels=(task == "zeroshot"),
+        tokenizer=None if task == "zeroshot" else tokenizer,
+        backend="pil",
+    )
 
     def run():
         if task == "zeroshot":
@@ -96,9 +107,23 @@ def test_eval(benchmark, pytestconfig, matmul_rate, machine, shards, model_name,
     rate = matmul_rate("cpu", torch.float32, MATMUL_INNER)["gflops"]
     achieved = per_image * n / secs
     benchmark.extra_info.update(
-        kind="eval", task=task, model=model_name, image_size=size, images=n, batch=BATCH, threads=THREADS,
-        images_per_s=round(n / secs, 1), gflops_per_image=round(per_image, 4), achieved_gflops=round(achieved, 2),
-        fraction_of_matmul_rate=round(achieved / rate, 4), matmul_gflops=round(rate, 1),
-        metric_keys=sorted(metrics), machine=_machine_line(machine), quick=_quick(pytestconfig))
-    print(f"\n{task} {model_name} {size}px: {n / secs:.0f} images/s, {achieved:.1f} GFLOP/s "
-          f"({100 * achieved / rate:.0f}% of the matmul rate)")
+        kind="eval",
+        task=task,
+        model=model_name,
+        image_size=size,
+        images=n,
+        batch=BATCH,
+        threads=THREADS,
+        images_per_s=round(n / secs, 1),
+        gflops_per_image=round(per_image, 4),
+        achieved_gflops=round(achieved, 2),
+        fraction_of_matmul_rate=round(achieved / rate, 4),
+        matmul_gflops=round(rate, 1),
+        metric_keys=sorted(metrics),
+        machine=_machine_line(machine),
+        quick=_quick(pytestconfig),
+    )
+    print(
+        f"\n{task} {model_name} {size}px: {n / secs:.0f} images/s, {achieved:.1f} GFLOP/s "
+        f"({100 * achieved / rate:.0f}% of the matmul rate)"
+    )

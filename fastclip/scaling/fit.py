@@ -19,6 +19,7 @@ interval widens with the distance in log compute as the resampled slopes spread.
 The saturating form needs scipy (``scipy.optimize.curve_fit``, imported lazily); its residuals are
 taken in log space like the power form's, so that small errors weigh as much as large ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,17 +79,24 @@ class PowerLawFit:
         return (c < self.compute.min()) | (c > self.compute.max())
 
     def formula(self, digits: int = 3, var: str = "C") -> str:
-        """"E = 1.48 * C^-0.110" (and " + c" for the saturating form); ``var`` names the variable."""
+        """ "E = 1.48 * C^-0.110" (and " + c" for the saturating form); ``var`` names the variable."""
         base = f"E = {self.a:.{digits}g} * {var}^{self.b:.{digits}f}"
         return base + (f" + {self.c:.{digits}g}" if self.form == "saturating" else "")
 
     def as_dict(self) -> dict:
         """Plain data for JSON: the parameters, their intervals, the points used."""
-        return {"a": self.a, "b": self.b, "c": self.c, "method": self.method, "form": self.form,
-                "formula": self.formula(), "level": self.level,
-                "ci": {k: list(v) for k, v in self.ci.items()},
-                "points": [[float(x), float(y)] for x, y in zip(self.compute, self.error)],
-                "compute_range": [float(self.compute.min()), float(self.compute.max())]}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "c": self.c,
+            "method": self.method,
+            "form": self.form,
+            "formula": self.formula(),
+            "level": self.level,
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "points": [[float(x), float(y)] for x, y in zip(self.compute, self.error)],
+            "compute_range": [float(self.compute.min()), float(self.compute.max())],
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,9 +166,17 @@ def _saturating(c: np.ndarray, e: np.ndarray, start: tuple[float, float]) -> tup
         return np.log(np.exp(log_a + b * x) + c0)
 
     a0, b0 = start
-    p, _ = optimize.curve_fit(model, logc, loge, p0=(math.log(a0), b0, 0.0),
-                              bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, float(e.min())]), maxfev=20000,
-                              ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    p, _ = optimize.curve_fit(
+        model,
+        logc,
+        loge,
+        p0=(math.log(a0), b0, 0.0),
+        bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, float(e.min())]),
+        maxfev=20000,
+        ftol=1e-14,
+        xtol=1e-14,
+        gtol=1e-14,
+    )
     return float(math.exp(p[0])), float(p[1]), float(p[2])
 
 
@@ -168,9 +184,11 @@ def _fit_once(c: np.ndarray, e: np.ndarray, method: str, form: str, bins: int):
     idx = frontier_points(c, e, bins) if method == "frontier" else np.argsort(c, kind="stable")
     need = 2 if form == "power" else 3
     if len(np.unique(c[idx])) < need:
-        raise ValueError(f"a {form} fit needs at least {need} points of different compute, got "
-                         f"{len(np.unique(c[idx]))}" + (f" on the frontier ({bins} bins of log compute)"
-                                                       if method == "frontier" else ""))
+        raise ValueError(
+            f"a {form} fit needs at least {need} points of different compute, got "
+            f"{len(np.unique(c[idx]))}"
+            + (f" on the frontier ({bins} bins of log compute)" if method == "frontier" else "")
+        )
     a, b = _loglog_lstsq(c[idx], e[idx])
     c0 = 0.0
     if form == "saturating":
@@ -178,9 +196,17 @@ def _fit_once(c: np.ndarray, e: np.ndarray, method: str, form: str, bins: int):
     return a, b, c0, idx
 
 
-def fit_power_law(compute: Sequence[float], error: Sequence[float], method: str = "frontier", *,
-                  form: str = "power", bins: int = 5, bootstrap: int = 0, level: float = 0.95,
-                  seed: int = 0) -> PowerLawFit:
+def fit_power_law(
+    compute: Sequence[float],
+    error: Sequence[float],
+    method: str = "frontier",
+    *,
+    form: str = "power",
+    bins: int = 5,
+    bootstrap: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PowerLawFit:
     """Fit E = a * C^b (or a * C^b + c) to (compute, error) points.
 
     Args:
@@ -221,10 +247,14 @@ def fit_power_law(compute: Sequence[float], error: Sequence[float], method: str 
             except (ValueError, RuntimeError):  # a resample with too few distinct points: skipped
                 continue
         if len(rows) < max(10, bootstrap // 2):
-            raise ValueError(f"only {len(rows)} of {bootstrap} bootstrap resamples could be fitted: too few "
-                             f"distinct points ({len(np.unique(c))}) for intervals")
+            raise ValueError(
+                f"only {len(rows)} of {bootstrap} bootstrap resamples could be fitted: too few "
+                f"distinct points ({len(np.unique(c))}) for intervals"
+            )
         fit.samples = np.array(rows)
         q = [50 * (1 - level), 50 * (1 + level)]
         names = ("a", "b", "c") if form == "saturating" else ("a", "b")
-        fit.ci = {k: tuple(float(v) for v in np.percentile(fit.samples[:, i], q)) for i, k in enumerate(names)}
+        fit.ci = {
+            k: tuple(float(v) for v in np.percentile(fit.samples[:, i], q)) for i, k in enumerate(names)
+        }
     return fit

@@ -18,6 +18,7 @@ The planner ranks the candidates by predicted error, gives each a bootstrap inte
 prediction extrapolates beyond the runs its law was fitted on (a budget outside every law's range
 is allowed, with that warning), and prints the ``fastclip train`` command of the best one.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,15 +31,24 @@ import numpy as np
 from .fit import PowerLawFit, fit_power_law
 from .results import OPENAI_UPSTREAM, published_results
 
-__all__ = ["Candidate", "Plan", "plan_from_published", "plan_from_results", "STUDY_ARCHS", "STUDY_DATASETS",
-           "PUBLISHED_METRICS"]
+__all__ = [
+    "Candidate",
+    "Plan",
+    "plan_from_published",
+    "plan_from_results",
+    "STUDY_ARCHS",
+    "STUDY_DATASETS",
+    "PUBLISHED_METRICS",
+]
 
 # The study's architectures that fastclip builds, and the study's datasets with their sizes (pairs).
 STUDY_ARCHS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 STUDY_DATASETS = {"LAION-80M": 8.0e7, "LAION-400M": 4.0e8, "LAION-2B": 2.32e9}
 # metric name -> (downstream dataset, column) in the published table
-PUBLISHED_METRICS = {"imagenet-zeroshot": ("imagenet1k", "acc1"),
-                     "coco-image-retrieval": ("mscoco_captions", "image_retrieval_recall@5")}
+PUBLISHED_METRICS = {
+    "imagenet-zeroshot": ("imagenet1k", "acc1"),
+    "coco-image-retrieval": ("mscoco_captions", "image_retrieval_recall@5"),
+}
 
 
 @dataclass
@@ -48,8 +58,8 @@ class Candidate:
     model: str
     strategy: str
     fit: PowerLawFit
-    x: float                       # where the law is evaluated (samples seen, or GFLOPs)
-    x_name: str                    # "samples seen" or the compute column
+    x: float  # where the law is evaluated (samples seen, or GFLOPs)
+    x_name: str  # "samples seen" or the compute column
     error: float
     interval: Optional[tuple] = None
     extrapolated: bool = False
@@ -61,11 +71,16 @@ class Candidate:
         """One line: what is predicted, from what, and how far it reaches."""
         band = f" [{self.interval[0]:.3f}, {self.interval[1]:.3f}]" if self.interval else ""
         lo, hi = self.fit.compute.min(), self.fit.compute.max()
-        where = (f"extrapolated beyond its runs ({self.x_name} {lo:.3g}-{hi:.3g})" if self.extrapolated
-                 else f"within its runs ({self.x_name} {lo:.3g}-{hi:.3g})")
+        where = (
+            f"extrapolated beyond its runs ({self.x_name} {lo:.3g}-{hi:.3g})"
+            if self.extrapolated
+            else f"within its runs ({self.x_name} {lo:.3g}-{hi:.3g})"
+        )
         var = "S" if self.x_name == "samples seen" else "C"
-        return (f"{self.model} {self.strategy}: error {self.error:.3f}{band} at {self.x_name} {self.x:.3g}, "
-                f"{self.fit.formula(var=var)}, {where}" + (f"; {self.note}" if self.note else ""))
+        return (
+            f"{self.model} {self.strategy}: error {self.error:.3f}{band} at {self.x_name} {self.x:.3g}, "
+            f"{self.fit.formula(var=var)}, {where}" + (f"; {self.note}" if self.note else "")
+        )
 
 
 @dataclass
@@ -89,16 +104,36 @@ class Plan:
         parts = ["fastclip train", f"model.name={b.model}"]
         if b.image_size:
             parts.append(f"model.image_size={b.image_size}")
-        parts += [f"strategy.name={b.strategy}", f"budget.gflops={self.budget_gflops:.4g}", f"data.train={train_shards}"]
+        parts += [
+            f"strategy.name={b.strategy}",
+            f"budget.gflops={self.budget_gflops:.4g}",
+            f"data.train={train_shards}",
+        ]
         return " ".join(parts)
 
     def as_dict(self) -> dict:
-        return {"budget_gflops": self.budget_gflops, "dataset_size": self.dataset_size, "metric": self.metric,
-                "source": self.source, "notes": self.notes, "command": self.command(),
-                "candidates": [{"model": c.model, "strategy": c.strategy, "error": c.error,
-                                "interval": list(c.interval) if c.interval else None, "extrapolated": c.extrapolated,
-                                "at": c.x, "at_name": c.x_name, "law": c.fit.as_dict(), "explanation": c.explain()}
-                               for c in self.candidates]}
+        return {
+            "budget_gflops": self.budget_gflops,
+            "dataset_size": self.dataset_size,
+            "metric": self.metric,
+            "source": self.source,
+            "notes": self.notes,
+            "command": self.command(),
+            "candidates": [
+                {
+                    "model": c.model,
+                    "strategy": c.strategy,
+                    "error": c.error,
+                    "interval": list(c.interval) if c.interval else None,
+                    "extrapolated": c.extrapolated,
+                    "at": c.x,
+                    "at_name": c.x_name,
+                    "law": c.fit.as_dict(),
+                    "explanation": c.explain(),
+                }
+                for c in self.candidates
+            ],
+        }
 
 
 def _check_budget(budget_gflops) -> float:
@@ -125,21 +160,30 @@ def _predict(fit: PowerLawFit, x: float) -> tuple[float, Optional[tuple], bool]:
 def _finish(plan: Plan) -> Plan:
     plan.candidates.sort(key=lambda c: c.error)
     if all(c.extrapolated for c in plan.candidates):
-        msg = (f"the budget ({plan.budget_gflops:.3g} GFLOPs) lies outside the range of every law: every "
-               "prediction is an extrapolation")
+        msg = (
+            f"the budget ({plan.budget_gflops:.3g} GFLOPs) lies outside the range of every law: every "
+            "prediction is an extrapolation"
+        )
         plan.notes.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return plan
 
 
-def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = None, *,
-                        metric: str = "imagenet-zeroshot", bootstrap: int = 500, seed: int = 0) -> Plan:
+def plan_from_published(
+    budget_gflops: float,
+    dataset_size: Optional[float] = None,
+    *,
+    metric: str = "imagenet-zeroshot",
+    bootstrap: int = 500,
+    seed: int = 0,
+) -> Plan:
     """Plan with the built-in laws fitted to the study's published results (see the module notes).
 
     ``metric``: "imagenet-zeroshot" (top-1) or "coco-image-retrieval" (image retrieval R@5).
     ``dataset_size``: image-text pairs available (default: the study's largest dataset).
     """
     from ..flops import model_flops
+
     budget = _check_budget(budget_gflops)
     size = _check_size(dataset_size)
     if metric not in PUBLISHED_METRICS:
@@ -151,13 +195,20 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
         plan.notes.append("no dataset size given: the laws of the study's largest dataset (LAION-2B)")
     else:
         upstream = min(STUDY_DATASETS, key=lambda k: abs(math.log(STUDY_DATASETS[k] / size)))
-        plan.notes.append(f"laws of {upstream} ({STUDY_DATASETS[upstream]:.3g} pairs), the study's dataset closest "
-                          f"in size to yours ({size:.3g} pairs)")
+        plan.notes.append(
+            f"laws of {upstream} ({STUDY_DATASETS[upstream]:.3g} pairs), the study's dataset closest "
+            f"in size to yours ({size:.3g} pairs)"
+        )
         if size < 0.5 * min(STUDY_DATASETS.values()):
-            plan.notes.append("your dataset is smaller than any in the study: its laws saw far more distinct "
-                              "pairs, so these predictions are optimistic")
-    rows = [r for r in published_results()
-            if r["downstream_dataset"] == downstream and r["upstream_dataset"] == upstream and r.get(column)]
+            plan.notes.append(
+                "your dataset is smaller than any in the study: its laws saw far more distinct "
+                "pairs, so these predictions are optimistic"
+            )
+    rows = [
+        r
+        for r in published_results()
+        if r["downstream_dataset"] == downstream and r["upstream_dataset"] == upstream and r.get(column)
+    ]
     assert upstream != OPENAI_UPSTREAM
     for arch in STUDY_ARCHS:
         mine = [r for r in rows if r["arch"] == arch]
@@ -170,32 +221,48 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
         note = ""
         if size is not None and seen > 10 * size:
             note = f"{seen / size:.0f} passes over your data"
-        plan.candidates.append(Candidate(arch, "clip", fit, seen, "samples seen", err, interval, extra,
-                                         per_sample, 224, note))
+        plan.candidates.append(
+            Candidate(arch, "clip", fit, seen, "samples seen", err, interval, extra, per_sample, 224, note)
+        )
     return _finish(plan)
 
 
-def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *,
-                      dataset_size: Optional[float] = None, compute: str = "gflops", bootstrap: int = 500,
-                      seed: int = 0) -> Plan:
+def plan_from_results(
+    rows: Sequence[dict],
+    budget_gflops: float,
+    metric: str,
+    *,
+    dataset_size: Optional[float] = None,
+    compute: str = "gflops",
+    bootstrap: int = 500,
+    seed: int = 0,
+) -> Plan:
     """Plan with laws fitted to the user's results table (a sweep's), one per (model, strategy)."""
     from .results import select_points
+
     budget = _check_budget(budget_gflops)
     size = _check_size(dataset_size)
     if not rows:
         raise ValueError("the results table has no rows")
     if "model" not in rows[0]:
-        raise ValueError(f"a results table for planning needs a 'model' column; its columns are {list(rows[0])}")
+        raise ValueError(
+            f"a results table for planning needs a 'model' column; its columns are {list(rows[0])}"
+        )
     plan = Plan(budget, size, metric, "your results table")
     where = {}
     if "dataset_size" in rows[0]:
         sizes = sorted({float(r["dataset_size"]) for r in rows if r.get("dataset_size")})
         if sizes:
             chosen = sizes[0] if size is None else min(sizes, key=lambda s: abs(math.log(s / size)))
-            where["dataset_size"] = [r["dataset_size"] for r in rows if r.get("dataset_size")
-                                     and float(r["dataset_size"]) == chosen]
-            plan.notes.append(f"runs at dataset size {chosen:.3g}" + ("" if size is None else
-                                                                      f", the closest to yours ({size:.3g})"))
+            where["dataset_size"] = [
+                r["dataset_size"]
+                for r in rows
+                if r.get("dataset_size") and float(r["dataset_size"]) == chosen
+            ]
+            plan.notes.append(
+                f"runs at dataset size {chosen:.3g}"
+                + ("" if size is None else f", the closest to yours ({size:.3g})")
+            )
     strategies = sorted({r.get("strategy") or "clip" for r in rows})
     for model in sorted({r["model"] for r in rows}):
         for strategy in strategies:
@@ -215,9 +282,12 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
             err, interval, extra = _predict(fit, budget)
             sizes = {r.get("image_size") for r in rows if r["model"] == model and r.get("image_size")}
             image_size = int(float(sizes.pop())) if len(sizes) == 1 else None
-            plan.candidates.append(Candidate(model, strategy, fit, budget, compute, err, interval, extra,
-                                             image_size=image_size))
+            plan.candidates.append(
+                Candidate(model, strategy, fit, budget, compute, err, interval, extra, image_size=image_size)
+            )
     if not plan.candidates:
-        raise ValueError(f"no (model, strategy) of the table has runs at two or more compute values with metric "
-                         f"{metric!r}: nothing to fit")
+        raise ValueError(
+            f"no (model, strategy) of the table has runs at two or more compute values with metric "
+            f"{metric!r}: nothing to fit"
+        )
     return _finish(plan)

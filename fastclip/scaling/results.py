@@ -10,6 +10,7 @@ error as 1 - metric; compute is whatever column the caller names.
 (any size) on their compute-efficient frontier, OpenAI's (upstream ``CLIP-WIT``) by least squares
 through all of their points.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,13 +22,21 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["load_results", "Points", "select_points", "study_groups", "OPENAI_UPSTREAM", "PUBLISHED_RESULTS",
-           "published_results"]
+__all__ = [
+    "load_results",
+    "Points",
+    "select_points",
+    "study_groups",
+    "OPENAI_UPSTREAM",
+    "PUBLISHED_RESULTS",
+    "published_results",
+]
 
 OPENAI_UPSTREAM = "CLIP-WIT"
 # The study's published table, shipped with fastclip (see fastclip/assets/README.md).
-PUBLISHED_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                                 "zeroshot_results.csv.gz")
+PUBLISHED_RESULTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zeroshot_results.csv.gz"
+)
 
 
 def published_results() -> list[dict]:
@@ -74,9 +83,16 @@ def _number(row: dict, column: str, where: str) -> Optional[float]:
         raise ValueError(f"{where}: column {column!r} must be a number, got {raw!r}") from None
 
 
-def select_points(rows: Sequence[dict], metric: str, *, compute: str = "gmacs_total",
-                  where: Optional[dict] = None, label: Sequence[str] = ("arch", "samples_seen_pretty"),
-                  name: str = "", method: str = "frontier") -> Points:
+def select_points(
+    rows: Sequence[dict],
+    metric: str,
+    *,
+    compute: str = "gmacs_total",
+    where: Optional[dict] = None,
+    label: Sequence[str] = ("arch", "samples_seen_pretty"),
+    name: str = "",
+    method: str = "frontier",
+) -> Points:
     """The (compute, 1 - metric) points of the rows matching ``where`` ({column: value or list of
     values}).  Rows whose metric is empty are skipped (a table holds several tasks); any other bad
     value is refused naming its row and column.
@@ -90,10 +106,13 @@ def select_points(rows: Sequence[dict], metric: str, *, compute: str = "gmacs_to
     wanted = [metric, compute] + list(where or {})
     missing = [c for c in wanted if c not in columns]
     if missing:
-        raise ValueError(f"the results table has no column {', '.join(map(repr, missing))}; its columns are "
-                         f"{columns}")
-    conds = {k: ({str(x) for x in v} if isinstance(v, (list, tuple, set)) else {str(v)})
-             for k, v in (where or {}).items()}
+        raise ValueError(
+            f"the results table has no column {', '.join(map(repr, missing))}; its columns are {columns}"
+        )
+    conds = {
+        k: ({str(x) for x in v} if isinstance(v, (list, tuple, set)) else {str(v)})
+        for k, v in (where or {}).items()
+    }
     cs, es, labels = [], [], []
     for i, row in enumerate(rows):
         if any(row.get(k) not in v for k, v in conds.items()):
@@ -104,7 +123,9 @@ def select_points(rows: Sequence[dict], metric: str, *, compute: str = "gmacs_to
             continue
         c = _number(row, compute, at)
         if c is None or not math.isfinite(c) or c <= 0:
-            raise ValueError(f"{at}: compute column {compute!r} must be finite and > 0, got {row.get(compute)!r}")
+            raise ValueError(
+                f"{at}: compute column {compute!r} must be finite and > 0, got {row.get(compute)!r}"
+            )
         if not math.isfinite(m) or not 0.0 <= m < 1.0:
             raise ValueError(f"{at}: metric {metric!r} must be in [0, 1) (error = 1 - metric), got {m}")
         cs.append(c)
@@ -115,7 +136,9 @@ def select_points(rows: Sequence[dict], metric: str, *, compute: str = "gmacs_to
     return Points(name or metric, np.array(cs), np.array(es), labels, method)
 
 
-def study_groups(rows: Sequence[dict], metric: str, dataset: str, *, compute: str = "gmacs_total") -> list[Points]:
+def study_groups(
+    rows: Sequence[dict], metric: str, dataset: str, *, compute: str = "gmacs_total"
+) -> list[Points]:
     """The study's two groups for ``metric`` on ``dataset`` (``downstream_dataset``): LAION-trained
     models (every upstream but CLIP-WIT) fitted on their frontier, and OpenAI's by least squares
     (omitted when the table has none)."""
@@ -123,7 +146,9 @@ def study_groups(rows: Sequence[dict], metric: str, dataset: str, *, compute: st
         raise ValueError("the results table has no rows")
     for col in ("upstream_dataset", "downstream_dataset"):
         if col not in rows[0]:
-            raise ValueError(f"the study's grouping needs column {col!r}; the table's columns are {list(rows[0])}")
+            raise ValueError(
+                f"the study's grouping needs column {col!r}; the table's columns are {list(rows[0])}"
+            )
     upstreams = sorted({r["upstream_dataset"] for r in rows if r["downstream_dataset"] == dataset})
     if not upstreams:
         datasets = sorted({r["downstream_dataset"] for r in rows})
@@ -131,9 +156,25 @@ def study_groups(rows: Sequence[dict], metric: str, dataset: str, *, compute: st
     out = []
     laion = [u for u in upstreams if u != OPENAI_UPSTREAM]
     if laion:
-        out.append(select_points(rows, metric, compute=compute, name="LAION (OpenCLIP)", method="frontier",
-                                 where={"downstream_dataset": dataset, "upstream_dataset": laion}))
+        out.append(
+            select_points(
+                rows,
+                metric,
+                compute=compute,
+                name="LAION (OpenCLIP)",
+                method="frontier",
+                where={"downstream_dataset": dataset, "upstream_dataset": laion},
+            )
+        )
     if OPENAI_UPSTREAM in upstreams:
-        out.append(select_points(rows, metric, compute=compute, name="OpenAI (CLIP-WIT)", method="lstsq",
-                                 where={"downstream_dataset": dataset, "upstream_dataset": OPENAI_UPSTREAM}))
+        out.append(
+            select_points(
+                rows,
+                metric,
+                compute=compute,
+                name="OpenAI (CLIP-WIT)",
+                method="lstsq",
+                where={"downstream_dataset": dataset, "upstream_dataset": OPENAI_UPSTREAM},
+            )
+        )
     return out

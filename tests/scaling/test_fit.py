@@ -1,4 +1,5 @@
 """fastclip.scaling.fit: the frontier, the power and saturating fits, bootstrap intervals, bad input."""
+
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from fastclip.scaling import fit_power_law, frontier_points
 def synthetic(a=2.0, b=-0.15, c=0.0, n=60, noise=0.0, seed=0, spread=(1e4, 1e10)):
     rng = np.random.default_rng(seed)
     compute = np.exp(rng.uniform(math.log(spread[0]), math.log(spread[1]), n))
-    error = a * compute ** b + c
+    error = a * compute**b + c
     error = error * np.exp(noise * rng.standard_normal(n))
     return compute, np.clip(error, 1e-6, 1.0)
 
@@ -21,7 +22,7 @@ def test_recovers_a_and_b_of_an_exact_power_law(a, b):
     for method in ("frontier", "lstsq"):
         fit = fit_power_law(c, e, method)
         assert fit.a == pytest.approx(a, rel=1e-9) and fit.b == pytest.approx(b, abs=1e-12)
-        assert fit.predict(1e12) == pytest.approx(a * 1e12 ** b, rel=1e-9)
+        assert fit.predict(1e12) == pytest.approx(a * 1e12**b, rel=1e-9)
 
 
 def test_frontier_takes_the_least_error_per_log_compute_bin():
@@ -50,7 +51,7 @@ def test_noisy_law_with_bootstrap_interval_covers_the_truth():
     assert lo < -0.15 < hi and hi - lo < 0.05
     plo, phi = fit.interval(1e14)  # far beyond the data: wider than inside
     ilo, ihi = fit.interval(1e7)
-    assert plo < 2.0 * 1e14 ** -0.15 < phi and (phi - plo) / fit.predict(1e14) > (ihi - ilo) / fit.predict(1e7)
+    assert plo < 2.0 * 1e14**-0.15 < phi and (phi - plo) / fit.predict(1e14) > (ihi - ilo) / fit.predict(1e7)
     assert fit.extrapolates(1e14) and not fit.extrapolates(1e7)
 
 
@@ -68,15 +69,18 @@ def test_formula_and_dict():
     assert d["points"] == [[1.0, 0.5], [10.0, 0.25], [100.0, 0.125]] and d["compute_range"] == [1.0, 100.0]
 
 
-@pytest.mark.parametrize("compute, error, match", [
-    ([1, 2, -3], [0.5, 0.4, 0.3], r"compute must be finite and > 0, got \[-3.0\]"),
-    ([1, 2, float("inf")], [0.5, 0.4, 0.3], "compute must be finite"),
-    ([1, 2, 3], [0.5, 0.0, 0.3], r"error must be in \(0, 1\]"),
-    ([1, 2, 3], [0.5, 1.2, 0.3], r"error must be in \(0, 1\]"),
-    ([1, 2, 3], [0.5, 0.4], "the same length, got 3 and 2"),
-    ([5], [0.5], "needs at least 2 points"),
-    ([5, 5, 5], [0.5, 0.4, 0.3], "needs at least 2 points of different compute"),
-])
+@pytest.mark.parametrize(
+    "compute, error, match",
+    [
+        ([1, 2, -3], [0.5, 0.4, 0.3], r"compute must be finite and > 0, got \[-3.0\]"),
+        ([1, 2, float("inf")], [0.5, 0.4, 0.3], "compute must be finite"),
+        ([1, 2, 3], [0.5, 0.0, 0.3], r"error must be in \(0, 1\]"),
+        ([1, 2, 3], [0.5, 1.2, 0.3], r"error must be in \(0, 1\]"),
+        ([1, 2, 3], [0.5, 0.4], "the same length, got 3 and 2"),
+        ([5], [0.5], "needs at least 2 points"),
+        ([5, 5, 5], [0.5, 0.4, 0.3], "needs at least 2 points of different compute"),
+    ],
+)
 def test_bad_points_are_refused_naming_the_problem(compute, error, match):
     with pytest.raises(ValueError, match=match):
         fit_power_law(compute, error, "lstsq")
@@ -116,6 +120,7 @@ PUBLISHED_FITS = [
 @pytest.mark.parametrize("metric, dataset, group, a, b, paper_b", PUBLISHED_FITS)
 def test_the_study_fits_on_its_published_results(metric, dataset, group, a, b, paper_b):
     from fastclip.scaling import published_results, study_groups
+
     pts = {g.name: g for g in study_groups(published_results(), metric, dataset)}[group]
     fit = fit_power_law(pts.compute, pts.error, pts.method)
     assert fit.a == pytest.approx(a, rel=1e-5) and fit.b == pytest.approx(b, abs=1e-6)

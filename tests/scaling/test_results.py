@@ -1,4 +1,5 @@
 """fastclip.scaling.results: reading results tables, selecting points, the study's grouping."""
+
 import pytest
 
 from fastclip.scaling import load_results, select_points, study_groups
@@ -15,22 +16,48 @@ def write(tmp_path, text, name="r.csv"):
 def test_points_error_is_one_minus_metric_and_empty_metrics_are_skipped(tmp_path):
     rows = load_results(write(tmp_path, "arch,gflops,acc1,recall\nA,10,0.25,\nB,100,0.5,0.4\nC,1000,,0.6\n"))
     pts = select_points(rows, "acc1", compute="gflops", label=("arch",))
-    assert pts.compute.tolist() == [10.0, 100.0] and pts.error.tolist() == [0.75, 0.5] and pts.labels == ["A", "B"]
-    assert select_points(rows, "recall", compute="gflops", where={"arch": ["B", "C"]}).compute.tolist() == [100, 1000]
+    assert (
+        pts.compute.tolist() == [10.0, 100.0]
+        and pts.error.tolist() == [0.75, 0.5]
+        and pts.labels == ["A", "B"]
+    )
+    assert select_points(rows, "recall", compute="gflops", where={"arch": ["B", "C"]}).compute.tolist() == [
+        100,
+        1000,
+    ]
 
 
-@pytest.mark.parametrize("text, kwargs, match", [
-    ("arch,gflops\nA,10\n", {"metric": "acc1", "compute": "gflops"},
-     r"no column 'acc1'; its columns are \['arch', 'gflops'\]"),
-    ("arch,gflops,acc1\nA,-10,0.5\n", {"metric": "acc1", "compute": "gflops"},
-     r"row 2: compute column 'gflops' must be finite and > 0, got '-10'"),
-    ("arch,gflops,acc1\nA,nan,0.5\n", {"metric": "acc1", "compute": "gflops"}, "row 2: compute column"),
-    ("arch,gflops,acc1\nA,10,1.5\n", {"metric": "acc1", "compute": "gflops"},
-     r"row 2: metric 'acc1' must be in \[0, 1\)"),
-    ("arch,gflops,acc1\nA,10,high\n", {"metric": "acc1", "compute": "gflops"},
-     "row 2: column 'acc1' must be a number, got 'high'"),
-    ("arch,gflops,acc1\nA,10,\n", {"metric": "acc1", "compute": "gflops"}, "no row has a value for metric 'acc1'"),
-])
+@pytest.mark.parametrize(
+    "text, kwargs, match",
+    [
+        (
+            "arch,gflops\nA,10\n",
+            {"metric": "acc1", "compute": "gflops"},
+            r"no column 'acc1'; its columns are \['arch', 'gflops'\]",
+        ),
+        (
+            "arch,gflops,acc1\nA,-10,0.5\n",
+            {"metric": "acc1", "compute": "gflops"},
+            r"row 2: compute column 'gflops' must be finite and > 0, got '-10'",
+        ),
+        ("arch,gflops,acc1\nA,nan,0.5\n", {"metric": "acc1", "compute": "gflops"}, "row 2: compute column"),
+        (
+            "arch,gflops,acc1\nA,10,1.5\n",
+            {"metric": "acc1", "compute": "gflops"},
+            r"row 2: metric 'acc1' must be in \[0, 1\)",
+        ),
+        (
+            "arch,gflops,acc1\nA,10,high\n",
+            {"metric": "acc1", "compute": "gflops"},
+            "row 2: column 'acc1' must be a number, got 'high'",
+        ),
+        (
+            "arch,gflops,acc1\nA,10,\n",
+            {"metric": "acc1", "compute": "gflops"},
+            "no row has a value for metric 'acc1'",
+        ),
+    ],
+)
 def test_bad_tables_are_refused_naming_row_and_column(tmp_path, text, kwargs, match):
     rows = load_results(write(tmp_path, text))
     with pytest.raises(ValueError, match=match):
@@ -58,7 +85,10 @@ def test_study_groups_of_the_published_table():
 def test_the_shipped_table_is_the_published_one():
     import gzip
     import os
-    shared = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "zeroshot_results.csv")
+
+    shared = os.path.join(
+        os.path.dirname(__file__), "..", "..", "..", "shared", "data", "zeroshot_results.csv"
+    )
     if not os.path.isfile(shared):
         pytest.skip(f"the project's shared copy is not at {shared}")
     with gzip.open(PUBLISHED, "rb") as f, open(shared, "rb") as g:
