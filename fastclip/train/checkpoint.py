@@ -17,13 +17,13 @@ which names the newest older checkpoint that is intact.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import tempfile
 from typing import Optional
 
 import torch
+
+from ..atomic import atomic_torch_save
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "CheckpointManager",
            "checksum"]
@@ -64,42 +64,12 @@ def checksum(payload: dict) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str, payload: dict) -> str:
     """Write ``payload`` (with its checksum) to ``path`` atomically; returns ``path``."""
     payload = dict(payload)
     payload["format"] = FORMAT
     payload["checksum"] = checksum(payload)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    atomic_torch_save(payload, path)
     return path
 
 
