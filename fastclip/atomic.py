@@ -1,4 +1,5 @@
-"""Files that are either the old version or the whole new one, never a torn mix.
+"""Files that are either the old version or the whole new one, never a torn mix, and that say
+when they were damaged since.
 
 State that must survive a crash (training checkpoints, cached evaluation features, result files
 read by later runs) is written to a temporary file in the same directory, flushed and fsynced,
@@ -8,12 +9,13 @@ one, including after a power cut.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
 from typing import Union
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "fsync_dir", "checksum"]
 
 
 def fsync_dir(path: str) -> None:
@@ -59,3 +61,34 @@ def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> str:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getbuffer(), suffix=".pt")
+
+
+def _feed(h, obj) -> None:
+    import torch
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"B" + bytes(obj))
+    else:
+        h.update(repr(obj).encode())
+
+
+def checksum(payload: dict) -> str:
+    """SHA-256 over everything in ``payload`` except its ``checksum`` entry: tensors by dtype, shape
+    and bytes, containers by structure, anything else by ``repr``.  A file that stores it beside
+    its content detects a damaged or hand-edited payload when it is read back."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "checksum"})
+    return h.hexdigest()

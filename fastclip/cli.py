@@ -7,6 +7,7 @@
     fastclip make-dataset    write the built-in captioned shapes dataset as webdataset shards
     fastclip filter          keep the top k% of a shard set by CLIP score; new shards + histogram
     fastclip train           train under a compute budget (--config run.yaml key=value ...)
+    fastclip eval            evaluate a checkpoint on datasets (zero-shot, retrieval, linear probe); a table
     fastclip fit             fit power laws of error against compute to a results table; plot them
     fastclip plan            from a compute budget and a dataset size to the model and strategy to train
 """
@@ -158,6 +159,79 @@ def _run_train(args, parser) -> int:
     return 0
 
 
+_EVAL_EPILOG = """examples:
+  fastclip eval --checkpoint run/checkpoints/step-00001000.pt --dataset shapes=data/val \\
+      --task zeroshot retrieval
+  fastclip eval --model ViT-B-32 --checkpoint open_clip_vit_b_32.pt --dataset in1k='in1k/{0000..0063}.tar' \\
+      --classnames in1k=imagenet_classes.json --task zeroshot linear_probe \\
+      --train in1k='in1k-train/{0000..1023}.tar'
+  fastclip eval --model ViT-B-32 --dataset shapes=data/val      (no checkpoint: random init, the chance level)
+
+Results: OUT/<model>__<dataset>__<task>.json each, and OUT/results.csv + results.md over every JSON in OUT
+(runs into one folder accumulate one table).  The data loader backend follows FASTCLIP_DATA_BACKEND."""
+
+
+def _add_eval_command(sub) -> None:
+    from .eval.suite import PRECISIONS, TASKS
+    p = sub.add_parser("eval", help="evaluate a checkpoint on datasets: zero-shot, retrieval, linear probe; "
+                                    "JSON per result + a results table",
+                       description="Evaluate one model on webdataset shards with every --task on every "
+                                   "--dataset (fastclip.eval.run_suite).", epilog=_EVAL_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, metavar="NAME|CONFIG.json",
+                   help="a model name (fastclip.list_models()) or an open_clip model config JSON; not needed "
+                        "with a fastclip training checkpoint (its config is inside it)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="weights: a fastclip training checkpoint (checkpoints/step-*.pt) or an open_clip "
+                        "state dict (.pt, .bin; .safetensors with the safetensors package). Without: random "
+                        "init")
+    p.add_argument("--name", default=None,
+                   help="the model's name in results and file names (default: model + checkpoint file name, "
+                        "or <model>-random-init)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="input resolution (default: the checkpoint's, else the model config's)")
+    p.add_argument("--dataset", action="append", required=True, metavar="NAME=SHARDS",
+                   help="an evaluation set: a name for the results, '=', its shards (brace pattern, "
+                        "directory or a.tar::b.tar); repeat for several")
+    p.add_argument("--task", nargs="+", default=["zeroshot"], choices=TASKS, metavar="TASK",
+                   help=f"what to run on every dataset: {', '.join(TASKS)} (default: zeroshot)")
+    p.add_argument("--train", action="append", default=[], metavar="NAME=SHARDS",
+                   help="linear_probe: the training split of dataset NAME (one per dataset)")
+    p.add_argument("--classnames", action="append", default=[], metavar="[NAME=]FILE.json|builtin",
+                   help='zero-shot class names and prompts: a JSON file {"classnames": [...], "templates": '
+                        '["a photo of a {}.", ...]}, or builtin (the built-in shapes dataset\'s); NAME= for '
+                        "one dataset. Default: the meta.json beside the shards (the built-in dataset has "
+                        "one)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="images per batch (default: 256)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="decoding threads (default: 2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="read at most this many batches of each set (a quick check; the JSON records it)")
+    p.add_argument("--out", default="eval-results", metavar="DIR",
+                   help="output folder (default: eval-results)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="linear_probe: keep the extracted features here for reruns")
+
+
+def _run_eval(args, parser) -> int:
+    from .eval.suite import headline, run_suite
+    try:
+        results = run_suite(args.dataset, args.task, model=args.model, checkpoint=args.checkpoint,
+                            image_size=args.image_size, name=args.name, train=args.train,
+                            classnames=args.classnames or None, out_dir=args.out, batch_size=args.batch_size,
+                            num_threads=args.workers, device=args.device, precision=args.precision,
+                            max_batches=args.max_batches, cache_dir=args.cache_dir, progress=True)
+    except (ValueError, OSError) as exc:  # bad input, named by the library: a usage error (status 2)
+        parser.error(f"eval: {exc}")
+    for r in results:
+        print(f"{headline(r)} -> {r['path']}")
+    print(f"table of every result in {args.out}: results.csv, results.md")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -171,6 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
     _add_data_commands(sub)
     _add_train_command(sub)
+    _add_eval_command(sub)
     from .scaling.commands import add_fit_arguments, add_plan_arguments
     add_fit_arguments(sub.add_parser("fit", help="fit power laws of error against compute to a results table "
                                                  "(the scaling-law study's CSV or a sweep's); plot them"))
@@ -179,6 +254,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "train":
         return _run_train(args, parser)
+    if args.cmd == "eval":
+        return _run_eval(args, parser)
     if args.cmd in ("fit", "plan"):
         from .scaling.commands import run_fit, run_plan
         try:

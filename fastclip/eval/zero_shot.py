@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .common import (autocast_context, check_index_vector, eval_mode, is_integer_tensor, iterate_batches, model_device,
-                     model_dtype)
+from .common import (autocast_context, check_features, check_index_vector, encode_labelled_images, eval_mode,
+                     model_device)
 
 __all__ = ["zero_shot_classifier", "zero_shot_metrics", "evaluate_zero_shot"]
 
@@ -35,16 +35,6 @@ Template = Union[str, Callable[[str], str]]
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def _check_features(name: str, x, shape: str = "[N, D]") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor {shape}, got {x.dtype} {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf (a diverged model?); ranks would be meaningless")
-    return x
-
-
 def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     """float32, or float64 when an input is float64 (half inputs are scored in float32)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
@@ -162,8 +152,8 @@ def zero_shot_metrics(image_features: torch.Tensor, labels: torch.Tensor, classi
     the *other* classes have a logit >= its true class's logit, so a tie with the true class
     counts against it.  With C classes all tied, every sample is a hit at k iff C - 1 < k.
     """
-    _check_features("image_features", image_features)
-    _check_features("classifier", classifier, "[D, C]")
+    check_features("image_features", image_features)
+    check_features("classifier", classifier, "[D, C]")
     n, d = image_features.shape
     if n == 0:
         raise ValueError("image_features is empty (0 samples)")
@@ -195,26 +185,6 @@ def zero_shot_metrics(image_features: torch.Tensor, labels: torch.Tensor, classi
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-def _images_and_labels(batch, index: int):
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        what = f"of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-        raise ValueError(f"batches must yield tuples (images, labels) or (images, tokens, labels); batch "
-                         f"{index} is a {type(batch).__name__} {what}".rstrip())
-    images = batch[0]
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"batch {index}: the first item must be the images tensor, "
-                        f"got {type(images).__name__}")
-    for item in reversed(batch[1:]):
-        if isinstance(item, torch.Tensor) and item.dim() == 1 and is_integer_tensor(item):
-            if item.shape[0] != images.shape[0]:
-                raise ValueError(f"batch {index}: {item.shape[0]} labels for {images.shape[0]} images")
-            return images, item
-    kinds = ", ".join(type(x).__name__ if not isinstance(x, torch.Tensor) else f"Tensor{tuple(x.shape)}"
-                      for x in batch)
-    raise ValueError(f"batch {index} has no labels (a 1-D integer tensor after the images): got ({kinds}); "
-                     f"build the loader with with_labels=True")
-
-
 def evaluate_zero_shot(model: torch.nn.Module, batches: Iterable, classnames: Sequence[str],
                        templates: Sequence[Template], tokenizer: Optional[Callable] = None, *, device=None,
                        classifier: Optional[torch.Tensor] = None,
@@ -244,29 +214,20 @@ def evaluate_zero_shot(model: torch.nn.Module, batches: Iterable, classnames: Se
     device = model_device(model, device)
     amp = autocast_context(device, autocast_dtype)  # validates autocast_dtype before any work
     if classifier is not None:
-        _check_features("classifier", classifier, "[D, C]")
+        check_features("classifier", classifier, "[D, C]")
         if classifier.shape[1] != len(classnames):
             raise ValueError(f"classifier must be [D, C] with C = len(classnames) = {len(classnames)}, got "
                              f"{tuple(classifier.shape)}")
-    dtype = model_dtype(model)
-    feats, labels = [], []
-    batches_in = iterate_batches(batches, max_batches, progress, "zero-shot")
-    with eval_mode(model), torch.no_grad(), batches_in as source:
-        if classifier is None:  # built while the loader's first batches are being prepared
-            with amp:
-                classifier = zero_shot_classifier(model, classnames, templates, tokenizer, device=device)
-        for index, batch in enumerate(source):
-            images, y = _images_and_labels(batch, index)
-            images = images.to(device, non_blocking=True)
-            if autocast_dtype is None and images.is_floating_point() and dtype is not None:
-                images = images.to(dtype)
-            with autocast_context(device, autocast_dtype):
-                f = model.encode_image(images, normalize=True)
-            feats.append(f.float())
-            labels.append(y.to(device))
-    if not feats or sum(f.shape[0] for f in feats) == 0:
-        raise ValueError("batches: the evaluation set is empty (no batches, or only empty ones)")
-    image_features, all_labels = torch.cat(feats), torch.cat(labels)
+    built = {}
+
+    def build_classifier():  # while the loader prepares its first batches
+        with amp:
+            built["w"] = zero_shot_classifier(model, classnames, templates, tokenizer, device=device)
+
+    image_features, all_labels = encode_labelled_images(
+        model, batches, device=device, autocast_dtype=autocast_dtype, max_batches=max_batches, progress=progress,
+        desc="zero-shot", on_start=None if classifier is not None else build_classifier)
+    classifier = built.get("w", classifier)
     if bool((all_labels == -1).all()):
         raise ValueError(f"labels: evaluation set without labels: all {all_labels.shape[0]} labels are -1; "
                          f"zero-shot accuracy needs a dataset with class labels")

@@ -16,14 +16,13 @@ which names the newest older checkpoint that is intact.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Optional
 
 import torch
 
-from ..atomic import atomic_torch_save
+from ..atomic import atomic_torch_save, checksum
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "CheckpointManager",
            "checksum"]
@@ -34,34 +33,6 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, damaged, or from another model or config."""
-
-
-def _feed(h, obj) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}".encode())
-        for k, v in obj.items():
-            h.update(repr(k).encode())
-            _feed(h, v)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{type(obj).__name__}{len(obj)}".encode())
-        for v in obj:
-            _feed(h, v)
-    elif isinstance(obj, (bytes, bytearray)):
-        h.update(b"B" + bytes(obj))
-    else:
-        h.update(repr(obj).encode())
-
-
-def checksum(payload: dict) -> str:
-    """SHA-256 over everything in ``payload`` except its ``checksum`` entry."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k != "checksum"})
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str, payload: dict) -> str:
