@@ -35,7 +35,7 @@ import torch
 SUITE = "eval"  # every record's extra_info["suite"] (conftest); eval_report.py renders them
 MODELS = {"ViT-Ti-16": 64, "ViT-B-32": 224}
 TASKS = ("zeroshot", "retrieval")
-N_IMAGES, QUICK_IMAGES = 1024, 64
+N_IMAGES, QUICK_IMAGES = 512, 64
 BATCH = 128
 THREADS = 2
 MATMUL_INNER = 512
@@ -99,7 +99,7 @@ def test_eval(benchmark, pytestconfig, matmul_rate, machine, shards, model_name,
         times.append(time.perf_counter() - t)
         return out
 
-    rounds = 2 if _quick(pytestconfig) else 5
+    rounds = 2 if _quick(pytestconfig) else 3
     metrics = benchmark.pedantic(timed, rounds=rounds, iterations=1)
     secs = statistics.median(times)
     fl = model_flops(model_name, image_size=size)
