@@ -190,19 +190,23 @@ def _check_class_lists(d, where: str) -> tuple[list, list]:
     return list(d["classnames"]), templates
 
 
+def _read_json(path: str, what: str):
+    """The JSON value in ``path``: FileNotFoundError / ValueError naming ``what`` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{what} {path!r} is not valid JSON ({exc})") from None
+
+
 def read_classnames(path: str) -> tuple[list, list]:
     """(classnames, templates) from a JSON file ``{"classnames": [...], "templates": [...]}``
     (other keys are ignored, so a dataset's ``meta.json`` serves too).  ValueError when it is not
     JSON or has the wrong shape; FileNotFoundError when it does not exist."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class-name file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"class-name file {path!r} is not valid JSON ({exc})") from None
-    return _check_class_lists(d, f"class-name file {path!r}")
+    return _check_class_lists(_read_json(path, "class-name file"), f"class-name file {path!r}")
 
 
 def _classes_for(dataset: str, source, files: list) -> tuple[list, list, str]:
@@ -390,11 +394,8 @@ def load_eval_model(model=None, checkpoint: Optional[str] = None, *,
                                          text_cfg=dataclasses.replace(model.text_cfg))
         elif isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".json"):
             cfg_path = os.fspath(model)
-            if not os.path.isfile(cfg_path):
-                raise FileNotFoundError(f"model config {cfg_path!r} does not exist")
+            d = _read_json(cfg_path, "model config")
             try:
-                with open(cfg_path, encoding="utf-8") as f:
-                    d = json.load(f)
                 if not isinstance(d, dict):
                     raise ValueError(f"a JSON {type(d).__name__}, not an object")
                 config = CLIPConfig.from_dict(d, name=os.path.splitext(os.path.basename(cfg_path))[0])

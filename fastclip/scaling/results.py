@@ -153,28 +153,8 @@ def study_groups(
     if not upstreams:
         datasets = sorted({r["downstream_dataset"] for r in rows})
         raise ValueError(f"no row has downstream_dataset {dataset!r}; the table has {datasets}")
-    out = []
-    laion = [u for u in upstreams if u != OPENAI_UPSTREAM]
-    if laion:
-        out.append(
-            select_points(
-                rows,
-                metric,
-                compute=compute,
-                name="LAION (OpenCLIP)",
-                method="frontier",
-                where={"downstream_dataset": dataset, "upstream_dataset": laion},
-            )
-        )
-    if OPENAI_UPSTREAM in upstreams:
-        out.append(
-            select_points(
-                rows,
-                metric,
-                compute=compute,
-                name="OpenAI (CLIP-WIT)",
-                method="lstsq",
-                where={"downstream_dataset": dataset, "upstream_dataset": OPENAI_UPSTREAM},
-            )
-        )
-    return out
+    groups = (("LAION (OpenCLIP)", "frontier", [u for u in upstreams if u != OPENAI_UPSTREAM]),
+              ("OpenAI (CLIP-WIT)", "lstsq", [u for u in upstreams if u == OPENAI_UPSTREAM]))
+    return [select_points(rows, metric, compute=compute, name=name, method=method,
+                          where={"downstream_dataset": dataset, "upstream_dataset": ups})
+            for name, method, ups in groups if ups]

@@ -11,25 +11,8 @@ from .conftest import PUBLISHED
 
 def test_fit_the_published_imagenet_table(tmp_path, capsys):
     out = tmp_path / "fit" / "imagenet"
-    assert (
-        cli_main(
-            [
-                "fit",
-                PUBLISHED,
-                "--metric",
-                "acc1",
-                "--dataset",
-                "imagenet1k",
-                "--bootstrap",
-                "200",
-                "--predict",
-                "1e14",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    args = "--metric acc1 --dataset imagenet1k --bootstrap 200 --predict 1e14 --out".split()
+    assert cli_main(["fit", PUBLISHED, *args, str(out)]) == 0
     text = capsys.readouterr().out
     assert "LAION (OpenCLIP): E = " in text and "OpenAI (CLIP-WIT): E = " in text and "(extrapolated)" in text
     report = json.loads((tmp_path / "fit" / "imagenet.json").read_text())
@@ -49,25 +32,8 @@ def test_fit_a_sweep_table_grouped_by_a_column(tmp_path, capsys):
         for g in (1e3, 1e4, 1e5, 1e6):
             rows.append(f"{model},clip,{g},{1 - a * g**-0.1:.6f}")
     table.write_text("\n".join(rows) + "\n")
-    assert (
-        cli_main(
-            [
-                "fit",
-                str(table),
-                "--metric",
-                "zero_shot/top1",
-                "--compute",
-                "gflops",
-                "--group-by",
-                "model",
-                "--method",
-                "lstsq",
-                "--bootstrap",
-                "0",
-            ]
-        )
-        == 0
-    )
+    args = "--metric zero_shot/top1 --compute gflops --group-by model --method lstsq --bootstrap 0".split()
+    assert cli_main(["fit", str(table), *args]) == 0
     text = capsys.readouterr().out
     assert "model=M: E = 0.7 * C^-0.100" in text and "model=S: E = 0.9 * C^-0.100" in text
 

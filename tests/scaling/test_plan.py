@@ -112,22 +112,8 @@ def test_bad_tables():
 
 
 def test_cli_plan_published_and_own_table(tmp_path, capsys, monkeypatch):
-    assert (
-        cli_main(
-            [
-                "plan",
-                "--gflops",
-                "1e12",
-                "--dataset-size",
-                "4e8",
-                "--bootstrap",
-                "50",
-                "--json",
-                str(tmp_path / "plan.json"),
-            ]
-        )
-        == 0
-    )
+    args = "plan --gflops 1e12 --dataset-size 4e8 --bootstrap 50 --json".split()
+    assert cli_main([*args, str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     assert "recommended: " in out and "fastclip train model.name=" in out and "1. " in out and "3. " in out
     report = json.loads((tmp_path / "plan.json").read_text())
@@ -136,24 +122,8 @@ def test_cli_plan_published_and_own_table(tmp_path, capsys, monkeypatch):
     rows = sweep_rows()
     table.write_text(",".join(rows[0]) + "\n" + "\n".join(",".join(r.values()) for r in rows) + "\n")
     # --hours with a given throughput: 2 h at 1e4 GFLOP/s = 7.2e7 GFLOPs, where M wins
-    assert (
-        cli_main(
-            [
-                "plan",
-                "--hours",
-                "2",
-                "--throughput",
-                "1e4",
-                "--results",
-                str(table),
-                "--metric",
-                "top1",
-                "--bootstrap",
-                "0",
-            ]
-        )
-        == 0
-    )
+    args = "plan --hours 2 --throughput 1e4 --results".split()
+    assert cli_main([*args, str(table), *"--metric top1 --bootstrap 0".split()]) == 0
     out = capsys.readouterr().out
     assert "2 h at 1e+04 GFLOP/s (given) = 7.2e+07 GFLOPs" in out and "recommended: M with clip" in out
     # --hours without a throughput measures the machine (here: a stand-in measurement)
