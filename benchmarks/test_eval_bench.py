@@ -26,9 +26,6 @@ Nothing here asserts on speed.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -91,17 +88,9 @@ def test_eval(benchmark, pytestconfig, matmul_rate, machine, shards, model_name,
         return evaluate_retrieval(model, loader)
 
     run()  # warm-up: thread pools, allocator, first-call costs
-    times = []
-
-    def timed():
-        t = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t)
-        return out
-
     rounds = 2 if _quick(pytestconfig) else 3
-    metrics = benchmark.pedantic(timed, rounds=rounds, iterations=1)
-    secs = statistics.median(times)
+    metrics = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    secs = benchmark.stats.stats.median
     fl = model_flops(model_name, image_size=size)
     per_image = fl.image  # the text tower's share depends on caption lengths (padding is cut): not counted
     rate = matmul_rate("cpu", torch.float32, MATMUL_INNER)["gflops"]

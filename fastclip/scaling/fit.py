@@ -85,18 +85,11 @@ class PowerLawFit:
 
     def as_dict(self) -> dict:
         """Plain data for JSON: the parameters, their intervals, the points used."""
-        return {
-            "a": self.a,
-            "b": self.b,
-            "c": self.c,
-            "method": self.method,
-            "form": self.form,
-            "formula": self.formula(),
-            "level": self.level,
-            "ci": {k: list(v) for k, v in self.ci.items()},
-            "points": [[float(x), float(y)] for x, y in zip(self.compute, self.error)],
-            "compute_range": [float(self.compute.min()), float(self.compute.max())],
-        }
+        return {"a": self.a, "b": self.b, "c": self.c, "method": self.method, "form": self.form,
+                "formula": self.formula(), "level": self.level,
+                "ci": {k: list(v) for k, v in self.ci.items()},
+                "points": [[float(x), float(y)] for x, y in zip(self.compute, self.error)],
+                "compute_range": [float(self.compute.min()), float(self.compute.max())]}
 
 
 # ----------------------------------------------------------------------------------------------

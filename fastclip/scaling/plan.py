@@ -112,28 +112,13 @@ class Plan:
         return " ".join(parts)
 
     def as_dict(self) -> dict:
-        return {
-            "budget_gflops": self.budget_gflops,
-            "dataset_size": self.dataset_size,
-            "metric": self.metric,
-            "source": self.source,
-            "notes": self.notes,
-            "command": self.command(),
-            "candidates": [
-                {
-                    "model": c.model,
-                    "strategy": c.strategy,
-                    "error": c.error,
-                    "interval": list(c.interval) if c.interval else None,
-                    "extrapolated": c.extrapolated,
-                    "at": c.x,
-                    "at_name": c.x_name,
-                    "law": c.fit.as_dict(),
-                    "explanation": c.explain(),
-                }
-                for c in self.candidates
-            ],
-        }
+        """Plain data for JSON: the request, the notes, the command and every candidate."""
+        return {"budget_gflops": self.budget_gflops, "dataset_size": self.dataset_size, "metric": self.metric,
+                "source": self.source, "notes": self.notes, "command": self.command(),
+                "candidates": [{"model": c.model, "strategy": c.strategy, "error": c.error,
+                                "interval": list(c.interval) if c.interval else None,
+                                "extrapolated": c.extrapolated, "at": c.x, "at_name": c.x_name,
+                                "law": c.fit.as_dict(), "explanation": c.explain()} for c in self.candidates]}
 
 
 def _check_budget(budget_gflops) -> float:
@@ -169,14 +154,8 @@ def _finish(plan: Plan) -> Plan:
     return plan
 
 
-def plan_from_published(
-    budget_gflops: float,
-    dataset_size: Optional[float] = None,
-    *,
-    metric: str = "imagenet-zeroshot",
-    bootstrap: int = 500,
-    seed: int = 0,
-) -> Plan:
+def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = None, *,
+                        metric: str = "imagenet-zeroshot", bootstrap: int = 500, seed: int = 0) -> Plan:
     """Plan with the built-in laws fitted to the study's published results (see the module notes).
 
     ``metric``: "imagenet-zeroshot" (top-1) or "coco-image-retrieval" (image retrieval R@5).
@@ -227,16 +206,9 @@ def plan_from_published(
     return _finish(plan)
 
 
-def plan_from_results(
-    rows: Sequence[dict],
-    budget_gflops: float,
-    metric: str,
-    *,
-    dataset_size: Optional[float] = None,
-    compute: str = "gflops",
-    bootstrap: int = 500,
-    seed: int = 0,
-) -> Plan:
+def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *,
+                      dataset_size: Optional[float] = None, compute: str = "gflops", bootstrap: int = 500,
+                      seed: int = 0) -> Plan:
     """Plan with laws fitted to the user's results table (a sweep's), one per (model, strategy)."""
     from .results import select_points
 
