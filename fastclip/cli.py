@@ -10,6 +10,7 @@
     fastclip eval            evaluate a checkpoint on datasets (zero-shot, retrieval, linear probe); a table
     fastclip fit             fit power laws of error against compute to a results table; plot them
     fastclip plan            from a compute budget and a dataset size to the model and strategy to train
+    fastclip sweep           train a grid (models x strategies x data x budgets x seeds) into one results table
 """
 from __future__ import annotations
 
@@ -159,6 +160,45 @@ def _run_train(args, parser) -> int:
     return 0
 
 
+def _add_sweep_command(sub) -> None:
+    p = sub.add_parser("sweep", help="train a grid of configurations on the built-in dataset into one results "
+                                     "table (fastclip fit / plan --results read it)",
+                       description="Run a sweep (fastclip.scaling.sweep): models x strategies x dataset sizes x "
+                                   "caption noise x compute budgets x seeds, one after another; a rerun skips the "
+                                   "finished configurations.")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. grid.seeds=[0,1] base.optim.lr=1e-3")
+    p.add_argument("--config", default=None, help="YAML or JSON sweep config (--print-config shows every key)")
+    p.add_argument("--print-config", action="store_true", help="print the full sweep config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every configuration and list them with their planned steps; train nothing")
+
+
+def _run_sweep(args, parser) -> int:
+    from .scaling.sweep import SweepConfig, check_runs, expand, run_sweep, sweep_state
+    from .train import ConfigError
+    try:
+        cfg = (SweepConfig.from_file(args.config, args.overrides) if args.config
+               else SweepConfig.from_dict({}, args.overrides))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        if args.dry_run:
+            runs = expand(cfg)
+            planned = check_runs(cfg, runs)
+            for run in runs:
+                print(f"{run.id}: {planned[run.id]} steps")
+            print(f"{len(runs)} configurations -> {cfg.output_dir}")
+            return 0
+        run_sweep(cfg)
+    except (ConfigError, ValueError) as exc:
+        print(f"fastclip sweep: error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if sweep_state(cfg.output_dir)["failed"] else 0
+
+
 _EVAL_EPILOG = """examples:
   fastclip eval --checkpoint run/checkpoints/step-00001000.pt --dataset shapes=data/val \\
       --task zeroshot retrieval
@@ -245,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["chunked", "reference"])
     _add_data_commands(sub)
     _add_train_command(sub)
+    _add_sweep_command(sub)
     _add_eval_command(sub)
     from .scaling.commands import add_fit_arguments, add_plan_arguments
     add_fit_arguments(sub.add_parser("fit", help="fit power laws of error against compute to a results table "
@@ -254,6 +295,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "train":
         return _run_train(args, parser)
+    if args.cmd == "sweep":
+        return _run_sweep(args, parser)
     if args.cmd == "eval":
         return _run_eval(args, parser)
     if args.cmd in ("fit", "plan"):

@@ -15,6 +15,7 @@ from .results import (
     select_points,
     study_groups,
 )
+from .sweep import Run, SweepConfig, expand, run_sweep
 
 __all__ = [
     "fit_power_law",
@@ -30,4 +31,8 @@ __all__ = [
     "plot_fits",
     "PUBLISHED_RESULTS",
     "published_results",
+    "SweepConfig",
+    "Run",
+    "expand",
+    "run_sweep",
 ]

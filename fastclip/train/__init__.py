@@ -12,10 +12,10 @@ from .checkpoint import CheckpointError, CheckpointManager, list_checkpoints, lo
 from .config import (BudgetConfig, CheckpointConfig, ConfigError, DataConfig, EvalConfig, LogConfig, ModelConfig,
                      OptimConfig, StrategyConfig, TrainConfig)
 from .strategies import STRATEGIES, SlipHead, Strategy, StrategyStack, build_strategy
-from .trainer import Trainer, TrainingDiverged, train
+from .trainer import Trainer, TrainingDiverged, plan_run, train
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "StrategyConfig", "BudgetConfig", "OptimConfig",
            "EvalConfig", "CheckpointConfig", "LogConfig", "ConfigError", "Trainer", "train", "TrainingDiverged",
            "Budget", "BudgetUsed", "lr_at", "STRATEGIES", "Strategy", "StrategyStack", "SlipHead",
            "build_strategy", "CheckpointError", "CheckpointManager", "save_checkpoint", "load_checkpoint",
-           "list_checkpoints"]
+           "list_checkpoints", "plan_run"]

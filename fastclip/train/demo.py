@@ -56,18 +56,25 @@ def _cache_dir() -> str:
 
 
 def prepare_data(root: str, image_size: int, sizes: dict = DEMO_DATA) -> dict:
-    """Write (or reuse) the three sets under ``root``; returns their shard patterns."""
+    """Write (or reuse) the three sets under ``root``; returns their folders and metadata.
+
+    ``sizes``: ``train``, ``zero_shot``, ``retrieval`` (samples), ``seed``, ``caption_detail`` and
+    optionally ``caption_noise`` (the training set's share of corrupted captions; the held-out sets
+    are always clean).  A folder's name carries every setting, so different settings never share one."""
     from ..data.synthetic import make_shapes_dataset
     seed = sizes["seed"]
     detail = sizes["caption_detail"]
-    specs = {"train": dict(num_samples=sizes["train"], seed=seed, max_objects=2, caption_detail=detail),
+    noise = float(sizes.get("caption_noise", 0.0))
+    specs = {"train": dict(num_samples=sizes["train"], seed=seed, max_objects=2, caption_detail=detail,
+                           caption_noise=noise),
              "zero_shot": dict(num_samples=sizes["zero_shot"], seed=seed + 1_000_003, max_objects=1,
                                caption_detail=detail),
              "retrieval": dict(num_samples=sizes["retrieval"], seed=seed + 2_000_003, max_objects=2,
                                caption_detail=detail)}
     out = {}
     for name, spec in specs.items():
-        d = os.path.join(root, f"{name}-{spec['num_samples']}-{image_size}px-seed{spec['seed']}")
+        d = os.path.join(root, f"{name}-{spec['num_samples']}-{image_size}px-seed{spec['seed']}-detail{detail:g}"
+                               + (f"-noise{spec['caption_noise']:g}" if spec.get("caption_noise") else ""))
         meta_path = os.path.join(d, "meta.json")
         if os.path.isfile(meta_path):
             with open(meta_path) as f:

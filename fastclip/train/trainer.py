@@ -48,7 +48,7 @@ from .metrics import MetricsWriter, ProgressBar, plot_curves
 from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step
 from .strategies import LossContext, build_strategy
 
-__all__ = ["Trainer", "train", "TrainingDiverged", "build_loader"]
+__all__ = ["Trainer", "train", "TrainingDiverged", "build_loader", "plan_run"]
 
 MFU_MATMUL_INNER = 512  # inner dim of the GEMMs whose rate MFU is measured against (as in the benchmarks)
 
@@ -129,6 +129,31 @@ def _rng_restore(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def plan_run(cfg: TrainConfig):
+    """``(strategy, model config, Budget)`` of a checked ``cfg``, as the trainer builds them: the
+    strategy's model overrides on top of ``model.overrides``, masking refused on a ResNet tower, the
+    budget planned over the strategy's phases.  Raises ConfigError; builds no model and reads no data,
+    so a sweep can check every configuration before any work."""
+    from ..models import CLIPConfig
+    strategy = build_strategy(cfg.strategy)
+    try:
+        overrides = dict(cfg.model.overrides)
+        if "image_size" in overrides:
+            raise ConfigError("set the resolution with model.image_size, not model.overrides.image_size")
+        overrides.update(strategy.model_overrides())
+        model_config = CLIPConfig.from_name(cfg.model.name, image_size=cfg.model.image_size, **overrides)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+    phases = strategy.phases()
+    if model_config.vision_cfg.is_resnet and any(r > 0 for _, r in phases):
+        raise ConfigError(f"strategy {cfg.strategy.name!r} masks patches, which needs a ViT image tower; "
+                          f"model {cfg.model.name!r} has a ResNet tower")
+    budget = Budget(cfg.budget, phases, lambda r: strategy.flops(model_config, r), cfg.data.batch_size)
+    return strategy, model_config, budget
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` (checking it first) and runs the loop.
 
@@ -146,22 +171,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
         check_shards(cfg.data.train, "data.train")
-        self.strategy = build_strategy(cfg.strategy)
-        from ..models import CLIPConfig
-        try:
-            overrides = dict(cfg.model.overrides)
-            if "image_size" in overrides:
-                raise ConfigError("set the resolution with model.image_size, not model.overrides.image_size")
-            overrides.update(self.strategy.model_overrides())
-            self.model_config = CLIPConfig.from_name(cfg.model.name, image_size=cfg.model.image_size, **overrides)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model: {exc}") from None
-        phases = self.strategy.phases()
-        if self.model_config.vision_cfg.is_resnet and any(r > 0 for _, r in phases):
-            raise ConfigError(f"strategy {cfg.strategy.name!r} masks patches, which needs a ViT image tower; "
-                              f"model {cfg.model.name!r} has a ResNet tower")
+        self.strategy, self.model_config, self.budget = plan_run(cfg)
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         self.resume_payload = None
         self.resume_path = None
@@ -178,8 +188,6 @@ class Trainer:
             if self.resume_payload["world_size"] != world:
                 raise CheckpointError(f"checkpoint {self.resume_path} was written with world_size="
                                       f"{self.resume_payload['world_size']}, this run has world_size={world}")
-        self.budget = Budget(cfg.budget, phases, lambda r: self.strategy.flops(self.model_config, r),
-                             cfg.data.batch_size)
         # Distributed, device.
         self.dist: DistInfo = init_distributed(torch.device("cuda" if cfg.device.startswith("cuda") or (
             cfg.device == "auto" and torch.cuda.is_available()) else "cpu"))
