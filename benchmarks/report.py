@@ -39,7 +39,7 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Suites whose tables go into <stem>.md, in the order a report of several shows them.
-TABLE_SUITES = ("data", "attention", "encoder", "train", "eval", "distributed")
+TABLE_SUITES = ("data", "attention", "encoder", "train", "eval", "budget", "distributed")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 DRIFT_WARN = 0.10
 QUICK_NOTE = "; **quick mode: tiny sizes, the timings mean nothing**"
@@ -315,9 +315,15 @@ def main(argv=None) -> int:
     suites = by_suite(raw)
     sections = table_sections(raw, suites)
     if sections:
+        lines = sections_markdown(raw, src, sections)
+        for mod, _ in sections:  # a suite module may draw plots: plots(raw, records, out_dir, stem) -> paths
+            if hasattr(mod, "plots") and not args.no_plots:
+                for path in mod.plots(raw, suites[mod.SUITE][0], out_dir, stem):
+                    lines += ["", f"![{mod.SUITE}]({os.path.basename(path)})"]
+                    print(f"wrote {path}")
         md_path = os.path.join(out_dir, f"{stem}.md")
         with open(md_path, "w") as f:
-            f.write("\n".join(sections_markdown(raw, src, sections)) + "\n")
+            f.write("\n".join(lines) + "\n")
         print(f"wrote {md_path}")
         if args.readme:
             print("\n\n".join("\n".join(lines) for _, lines in sections))

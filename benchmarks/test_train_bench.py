@@ -52,38 +52,27 @@ seconds: stable on 2 cores), 256 on CUDA.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
 import math
 import os
-import random
 import statistics
 import time
 
 import pytest
 import torch
-from torch import nn
 
 import fastclip
 from fastclip import testing
-from fastclip.data import AugmentConfig, ClipLoader, make_shapes_dataset
-from fastclip.data.synthetic import describe, sample_scene
-from fastclip.flops import mfu, text_flops
-from fastclip.models import CLIPConfig, create_model
-from fastclip.train import DataConfig, OptimConfig, StrategyConfig, TrainConfig, build_strategy
-from fastclip.train.step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step
+from fastclip.data import ClipLoader, make_shapes_dataset
+from fastclip.flops import mfu
+from fastclip.train import DataConfig, OptimConfig, TrainConfig
+from fastclip.train.step import batch_dict, build_optimizer
 from fastclip.train.trainer import build_loader
-from fastclip.train.strategies import LossContext
+
+from _train_steps import (STRATEGIES, FastclipRun, autocast_dtype, autocast_factory, memory_batch, sync,  # noqa: E402
+                          tokens_run)
 
 SUITE = "train"  # every record's extra_info["suite"] (conftest); train_report.py renders them
-STRATEGIES = {  # label -> StrategyConfig fields
-    "clip": {"name": "clip"},
-    "flip0.5": {"name": "flip", "mask_ratio": 0.5},
-    "flip0.75": {"name": "flip", "mask_ratio": 0.75},
-    "slip": {"name": "slip"},
-    "clip_aug": {"name": "clip_aug"},
-}
 PROVIDERS = ("fastclip", "loader", "open_clip")
 CASES = {  # (model, image px, batch)
     "cpu": (("ViT-Ti-16", 64, 256), ("ViT-S-16", 64, 256), ("ViT-S-16", 224, 64)),
@@ -181,69 +170,6 @@ def pytest_generate_tests(metafunc):
 # ----------------------------------------------------------------------------------------------
 # The training pieces, built as fastclip.train.Trainer builds them
 # ----------------------------------------------------------------------------------------------
-def _sync(dev: torch.device):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _autocast_dtype(dev: torch.device):
-    # The trainer's optim.precision="auto": bf16 autocast on CUDA, fp32 on CPU.
-    return torch.bfloat16 if dev.type == "cuda" else None
-
-
-def _autocast_factory(dev: torch.device):
-    dtype = _autocast_dtype(dev)
-
-    def autocast():
-        return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
-    return autocast
-
-
-class FastclipRun:
-    """One strategy's model, modules, step runner and optimiser, and its optimiser step."""
-
-    def __init__(self, model_name: str, image_size: int, strategy_label: str, dev: torch.device, seed: int = 0):
-        self.label, self.dev = strategy_label, dev
-        self.strategy = build_strategy(StrategyConfig(**STRATEGIES[strategy_label]))
-        self.config = CLIPConfig.from_name(model_name, image_size=image_size, **self.strategy.model_overrides())
-        torch.manual_seed(seed)
-        self.model = create_model(dataclasses.replace(self.config), device=dev).train()
-        self.modules = nn.ModuleDict(self.strategy.build_modules(self.model)).to(dev)
-        self.ctx = LossContext(self.model, self.modules)
-        self.runner = StepRunner(TrainModule(self.model, self.strategy, self.ctx), self.strategy, self.ctx, 1,
-                                 _autocast_factory(dev), lambda loss: loss, dev)
-        params = list(self.model.named_parameters()) + [(f"modules.{n}", p)
-                                                        for n, p in self.modules.named_parameters()]
-        self.optimizer = build_optimizer(params, OptimConfig(), dev)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=False)  # the trainer's, outside fp16
-        self.params = [p for _, p in params]
-        self.mask_ratio = self.strategy.phases()[0][1]  # the first phase's
-        if hasattr(self.model.visual, "mask_ratio"):
-            self.model.set_mask_ratio(self.mask_ratio)
-        self.augment = self.strategy.augment(AugmentConfig.from_name("clip", image_size=image_size))
-        self.nonfinite_steps = 0
-
-    def step(self, batch: dict) -> None:
-        loss, _ = self.runner.run(batch)
-        if loss is None:  # the trainer's on_nan=skip; counted and recorded (random data, fixed lr)
-            self.nonfinite_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer_step(self.optimizer, self.scaler, self.params, self.model)
-        _sync(self.dev)
-
-    def train_gflops(self, tokens_run: int) -> tuple:
-        """(the strategy's training GFLOPs per sample, those actually run).  The strategy counts the
-        text tower at 77 tokens; every strategy here encodes the captions once, so the difference
-        is 3x the text tower's forward at 77 tokens minus at ``tokens_run``."""
-        counted = self.strategy.flops(self.config, self.mask_ratio)
-        t = self.config.text_cfg
-        if not getattr(self.model, "trim_padding", True):
-            tokens_run = t.context_length
-        cut = 3 * (text_flops(t, self.config.embed_dim) - text_flops(t, self.config.embed_dim, tokens=tokens_run)) / 1e9
-        return counted, counted - cut
-
-
 class OpenClipRun:
     """open_clip's model (fastclip's weights) + open_clip's ClipLoss, the same AdamW and clamp."""
 
@@ -261,7 +187,7 @@ class OpenClipRun:
         self.loss = loss_mod.ClipLoss()
         self.optimizer = build_optimizer(list(self.model.named_parameters()), OptimConfig(), dev)
         self.max_log_scale = math.log(OptimConfig().max_logit_scale)
-        self.autocast = _autocast_factory(dev)
+        self.autocast = autocast_factory(dev)
 
     def step(self, batch: dict) -> None:
         with self.autocast():  # as open_clip's training loop: forward and loss under autocast
@@ -272,30 +198,12 @@ class OpenClipRun:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, self.max_log_scale)
-        _sync(self.dev)
+        sync(self.dev)
 
 
 # ----------------------------------------------------------------------------------------------
 # Batches and data
 # ----------------------------------------------------------------------------------------------
-def _captions(n: int) -> list:
-    rng = random.Random("fastclip-train-bench")
-    return [describe(sample_scene(rng)) for _ in range(n)]
-
-
-def _memory_batch(run: FastclipRun, batch: int, image_size: int, tokenizer) -> dict:
-    g = torch.Generator().manual_seed(0)
-
-    def images():
-        return torch.randn(batch, 3, image_size, image_size, generator=g).to(run.dev)
-    return {"images": images(), "tokens": tokenizer(_captions(batch)).to(run.dev),
-            "views": [images() for _ in range(run.augment.extra_views)]}
-
-
-def _tokens_run(tokens: torch.Tensor) -> int:
-    return int(tokens.argmax(-1).max()) + 1  # the end token has the largest id
-
-
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """``get(image_size, num_images) -> shard pattern`` of the built-in dataset (written once)."""
@@ -387,9 +295,9 @@ def test_train_step(benchmark, request, matmul_rate, peak_memory, machine, shape
     providers = _providers(config)
     tokenizer = fastclip.get_tokenizer(model_name)
     run = FastclipRun(model_name, image_size, strategy, dev)
-    mem_batch = _memory_batch(run, batch, image_size, tokenizer)
-    tokens_run = _tokens_run(mem_batch["tokens"])
-    counted, run_gflops = run.train_gflops(tokens_run)
+    mem_batch = memory_batch(run, batch, image_size, tokenizer)
+    n_tokens = tokens_run(mem_batch["tokens"])
+    counted, run_gflops = run.train_gflops(n_tokens)
     rate = matmul_rate(device, torch.float32 if dev.type == "cpu" else torch.bfloat16, MATMUL_INNER)
 
     rounds = _rounds(config, dev, image_size)
@@ -427,7 +335,7 @@ def test_train_step(benchmark, request, matmul_rate, peak_memory, machine, shape
                 run.step(b)
                 t = time.perf_counter() - t0
                 (fill_times if i < LOADER_FILL_STEPS else loader_times).append(t)
-                loader_tokens.append(_tokens_run(b["tokens"]))
+                loader_tokens.append(tokens_run(b["tokens"]))
                 del item, b
         finally:
             it.close()
@@ -456,8 +364,8 @@ def test_train_step(benchmark, request, matmul_rate, peak_memory, machine, shape
     info.update({
         "kind": "train_step", "device": device, "model": model_name, "image_size": image_size,
         "strategy": strategy, "strategy_describe": run.strategy.describe(), "mask_ratio": run.mask_ratio,
-        "batch": batch, "dtype": "float32" if _autocast_dtype(dev) is None else "bf16 autocast",
-        "extra_views": run.augment.extra_views, "caption_tokens": tokens_run,
+        "batch": batch, "dtype": "float32" if autocast_dtype(dev) is None else "bf16 autocast",
+        "extra_views": run.augment.extra_views, "caption_tokens": n_tokens,
         "train_gflops_per_sample": counted, "train_gflops_per_sample_run": run_gflops,
         "fwd_gflops_per_sample": counted / 3,
         "matmul_gflops": rate["gflops"], "matmul_shape": rate["shape"],
@@ -514,8 +422,8 @@ def test_train_targets(benchmark, request, matmul_rate, machine, device):
             runs["open_clip_clip"] = OpenClipRun(clip.model, dev)
         except RuntimeError as exc:
             oc_skip = str(exc)
-    mem_batch = _memory_batch(clip, batch, image_size, tokenizer)
-    tokens_run = _tokens_run(mem_batch["tokens"])
+    mem_batch = memory_batch(clip, batch, image_size, tokenizer)
+    n_tokens = tokens_run(mem_batch["tokens"])
     rate = matmul_rate(device, torch.float32 if dev.type == "cpu" else torch.bfloat16, MATMUL_INNER)
 
     for _ in range(_warmup_steps(config, dev, image_size)):
@@ -539,8 +447,8 @@ def test_train_targets(benchmark, request, matmul_rate, machine, device):
     benchmark.group = f"train targets {device}"
     benchmark.pedantic(timed("fastclip_clip"), setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
 
-    counted_clip, run_clip = clip.train_gflops(tokens_run)
-    counted_flip, run_flip = flip.train_gflops(tokens_run)
+    counted_clip, run_clip = clip.train_gflops(n_tokens)
+    counted_flip, run_flip = flip.train_gflops(n_tokens)
     flops = {"fastclip_clip": (counted_clip, run_clip), "fastclip_flip0.5": (counted_flip, run_flip),
              "open_clip_clip": (counted_clip, counted_clip)}  # open_clip runs all 77 text tokens
     res = {k: _rates(_spread(v), batch, *flops[k], rate["gflops"]) for k, v in times.items() if v}
@@ -549,7 +457,7 @@ def test_train_targets(benchmark, request, matmul_rate, machine, device):
     summary = {
         "kind": "train_targets", "device": device, "model": model_name,
         "image_size": image_size, "batch": batch, "rounds": rounds, "quick": quick,
-        "dtype": "float32" if _autocast_dtype(dev) is None else "bf16 autocast", "caption_tokens": tokens_run,
+        "dtype": "float32" if autocast_dtype(dev) is None else "bf16 autocast", "caption_tokens": n_tokens,
         "matmul_gflops": rate["gflops"], "matmul_shape": rate["shape"],
         "steps": res, "targets": dict(TARGETS),
         "flip0.5_vs_clip": flip_ratio, "flip0.5_vs_clip_flop_ratio": counted_clip / counted_flip,
