@@ -133,17 +133,24 @@ def _add_train_command(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the full config (every default) and exit")
 
 
-def _run_train(args, parser) -> int:
-    from .train import CheckpointError, ConfigError, TrainConfig, train
+def _config_or_exit(cls, args, parser):
+    """``cls`` (TrainConfig, SweepConfig) from ``--config`` and the overrides; a bad config exits with
+    its error before any work; with ``--print-config`` it is printed and None returned."""
+    from .train import ConfigError
     try:
-        if args.config:
-            cfg = TrainConfig.from_file(args.config, args.overrides)
-        else:
-            cfg = TrainConfig.from_dict({}, args.overrides)
+        cfg = cls.from_file(args.config, args.overrides) if args.config else cls.from_dict({}, args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))
     if args.print_config:
         print(cfg.to_yaml(), end="")
+        return None
+    return cfg
+
+
+def _run_train(args, parser) -> int:
+    from .train import CheckpointError, ConfigError, TrainConfig, train
+    cfg = _config_or_exit(TrainConfig, args, parser)
+    if cfg is None:
         return 0
     try:
         summary = train(cfg, resume=args.resume)
@@ -176,13 +183,8 @@ def _add_sweep_command(sub) -> None:
 def _run_sweep(args, parser) -> int:
     from .scaling.sweep import SweepConfig, check_runs, expand, run_sweep, sweep_state
     from .train import ConfigError
-    try:
-        cfg = (SweepConfig.from_file(args.config, args.overrides) if args.config
-               else SweepConfig.from_dict({}, args.overrides))
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
+    cfg = _config_or_exit(SweepConfig, args, parser)
+    if cfg is None:
         return 0
     try:
         if args.dry_run:

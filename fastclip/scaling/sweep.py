@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import hashlib
 import io
 import itertools
@@ -50,7 +49,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from ..atomic import atomic_write_bytes, checksum
-from ..train.config import ConfigError, StrategyConfig, TrainConfig
+from ..train.config import (ConfigError, StrategyConfig, TrainConfig, apply_overrides, coerce_value,
+                            read_config_file, unknown_key)
 from ..train.demo import DEMO_DATA, DEMO_MODEL
 
 __all__ = ["SweepConfig", "GridConfig", "SweepDataConfig", "ModelSpec", "StrategySpec", "Run", "expand",
@@ -153,34 +153,12 @@ class SweepConfig:
         cfg = cls()
         for key, value in d.items():
             cfg.set(str(key), value)
-        if isinstance(overrides, dict):
-            overrides = list(overrides.items())
-        for item in overrides:
-            if isinstance(item, str):
-                if "=" not in item:
-                    raise ConfigError(f"override {item!r} must be key=value (e.g. grid.seeds=[0,1])")
-                key, raw = item.split("=", 1)
-                value = _parse_value(raw)
-            else:
-                key, value = item
-            cfg.set(key.strip(), value)
+        apply_overrides(cfg, overrides, "grid.seeds=[0,1]")
         return cfg
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike], overrides=()) -> "SweepConfig":
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"sweep config file {path!r} does not exist")
-        with open(path) as f:
-            text = f.read()
-        if path.endswith(".json"):
-            d = json.loads(text)
-        else:
-            import yaml
-            d = yaml.safe_load(text)
-        if d is not None and not isinstance(d, dict):
-            raise ConfigError(f"sweep config file {path!r} must hold a mapping of sections, got {type(d).__name__}")
-        return cls.from_dict(d, overrides)
+        return cls.from_dict(read_config_file(path, "sweep config file"), overrides)
 
     def set(self, key: str, value: Any) -> None:
         """Set a dotted key (``grid.seeds``, ``data.image_size``, ``base.optim.lr``); unknown keys are
@@ -217,7 +195,7 @@ class SweepConfig:
             setattr(self, head, _str(key, value))
             return
         valid = [f.name for f in fields(self)] if len(parts) == 1 else _SWEEP_KEYS
-        _unknown(key, valid, "sweep config key", "fastclip sweep --print-config lists every key")
+        unknown_key(key, valid, "sweep config key", "fastclip sweep --print-config lists every key")
 
     # -- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -662,25 +640,6 @@ def _put(d: dict, parts: list, value, where: str) -> None:
         d[parts[-1]] = value
 
 
-def _unknown(key: str, valid, what: str, hint: str = ""):
-    valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # the last part alone (e.g. "seeds" -> "grid.seeds")
-        tail = key.split(".")[-1]
-        tails = difflib.get_close_matches(tail, [v.split(".")[-1] for v in valid], n=1)
-        close = [v for v in valid if v.split(".")[-1] in tails]
-    did = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown {what} {key!r}{did}" + (f" ({hint})" if hint else ""))
-
-
-def _parse_value(raw: str):
-    import yaml
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
 def _no_duplicates(key: str, values: list, hint: str = "") -> None:
     seen = set()
     for v in values:
@@ -696,27 +655,11 @@ def _str(key: str, v) -> str:
 
 
 def _int(key: str, v) -> int:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, str):
-        try:
-            v = int(float(v)) if float(v).is_integer() else v
-        except ValueError:
-            pass
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{key} must be an integer, got {v!r}")
-    return v
+    return coerce_value(key, v, "int")
 
 
 def _float(key: str, v) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            pass
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {v!r}")
-    return float(v)
+    return coerce_value(key, v, "float")
 
 
 def _list_of(item):
@@ -741,7 +684,7 @@ def _model_spec(where: str, v) -> ModelSpec:
         raise ConfigError(f"{where} must be a model name or a mapping with name, label, image_size, overrides; got {v!r}")
     for k in v:
         if k not in _MODEL_KEYS:
-            _unknown(f"{where}.{k}", [f"{where}.{n}" for n in _MODEL_KEYS], "key")
+            unknown_key(f"{where}.{k}", [f"{where}.{n}" for n in _MODEL_KEYS], "key", hint="")
     if "name" not in v:
         raise ConfigError(f"{where} needs a name (a fastclip model name, e.g. ViT-Ti-16)")
     overrides = v.get("overrides") or {}
@@ -771,7 +714,7 @@ def _strategy_spec(where: str, v) -> StrategySpec:
     valid = [f"{where}.{n}" for n in ("name", "label", "settings")] + [f"{where}.{n}" for n in _STRATEGY_SETTINGS]
     for k, x in list(given.items()) + list(flat.items()):
         if k not in _STRATEGY_SETTINGS:
-            _unknown(f"{where}.{k}", valid, "strategy setting")
+            unknown_key(f"{where}.{k}", valid, "strategy setting", hint="")
         try:  # the training config's own coercion and messages
             settings[k] = getattr(TrainConfig.from_dict({"strategy": {k: x}}).strategy, k)
         except ConfigError as exc:

@@ -125,6 +125,42 @@ class LogConfig:
     mfu: bool = True          # measure the matmul rate at the start (< 1 s) and log mfu against it
 
 
+def read_config_file(path: Union[str, os.PathLike], what: str = "config file") -> dict:
+    """The mapping in a YAML (or ``.json``) file; ConfigError naming ``what`` and the path when the
+    file is missing or holds something else.  An empty file is an empty mapping."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        d = json.loads(text)
+    else:
+        import yaml
+        d = yaml.safe_load(text)
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {path!r} must hold a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+def apply_overrides(cfg, overrides, example: str) -> None:
+    """``cfg.set`` each override: ``"a.b=value"`` strings (values parsed as YAML) or a flat
+    ``{"a.b": value}`` dict; ``example`` shows the form in the error for a string without ``=``."""
+    if isinstance(overrides, dict):
+        overrides = list(overrides.items())
+    for item in overrides:
+        if isinstance(item, str):
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must be key=value (e.g. {example})")
+            key, raw = item.split("=", 1)
+            value = _parse_value(raw)
+        else:
+            key, value = item
+        cfg.set(key.strip(), value)
+
+
 @dataclass
 class TrainConfig:
     """A training run.  ``output_dir`` receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
@@ -149,36 +185,12 @@ class TrainConfig:
         """From a nested dict (a YAML/JSON file's content), then ``overrides``: ``"a.b=value"``
         strings (values parsed as YAML) or a flat ``{"a.b": value}`` dict."""
         cfg = _build(cls, d or {}, "")
-        if isinstance(overrides, dict):
-            overrides = list(overrides.items())
-        for item in overrides:
-            if isinstance(item, str):
-                if "=" not in item:
-                    raise ConfigError(f"override {item!r} must be key=value (e.g. optim.lr=1e-3)")
-                key, raw = item.split("=", 1)
-                value = _parse_value(raw)
-            else:
-                key, value = item
-            cfg.set(key.strip(), value)
+        apply_overrides(cfg, overrides, "optim.lr=1e-3")
         return cfg
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike], overrides=()) -> "TrainConfig":
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            text = f.read()
-        if path.endswith(".json"):
-            d = json.loads(text)
-        else:
-            import yaml
-            d = yaml.safe_load(text)
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(d).__name__}")
-        return cls.from_dict(d, overrides)
+        return cls.from_dict(read_config_file(path, "config file"), overrides)
 
     def set(self, key: str, value: Any) -> None:
         """Set a dotted key (``optim.lr``); unknown keys are refused with the closest valid name."""
@@ -187,7 +199,7 @@ class TrainConfig:
         for i, part in enumerate(parts):
             names = [f.name for f in fields(target)]
             if part not in names:
-                _unknown(key, _all_keys(type(self)))
+                unknown_key(key, _all_keys(type(self)))
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(getattr(target, part)):
                     if not isinstance(value, dict):
@@ -195,14 +207,14 @@ class TrainConfig:
                     for k, v in value.items():
                         self.set(f"{key}.{k}", v)
                     return
-                setattr(target, part, _coerce(key, value, _field_type(target, part)))
+                setattr(target, part, coerce_value(key, value, _field_type(target, part)))
             else:
                 target = getattr(target, part)
                 if not dataclasses.is_dataclass(target):
                     if isinstance(target, dict):  # free-form mapping (model.overrides)
                         target[".".join(parts[i + 1:])] = value
                         return
-                    _unknown(key, _all_keys(type(self)))
+                    unknown_key(key, _all_keys(type(self)))
 
     # -- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -298,13 +310,17 @@ def _all_keys(cls, prefix: str = "") -> list:
     return out
 
 
-def _unknown(key: str, valid: list):
+def unknown_key(key: str, valid, what: str = "config key",
+                hint: str = "fastclip train --print-config lists every key"):
+    """Raise ConfigError for an unknown ``key``, naming the closest of ``valid`` (whole dotted name
+    first, then its last part alone: "lr" -> "optim.lr")."""
+    valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # match the last part alone (e.g. "lr" -> "optim.lr")
-        tail = key.split(".")[-1]
-        close = [k for k in valid if k.split(".")[-1] in difflib.get_close_matches(tail, [v.split(".")[-1] for v in valid], n=1)]
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown config key {key!r}{hint} (fastclip train --print-config lists every key)")
+    if not close:
+        tails = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+        close = [v for v in valid if v.split(".")[-1] in tails]
+    did = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown {what} {key!r}{did}" + (f" ({hint})" if hint else ""))
 
 
 def _build(cls, d: dict, prefix: str):
@@ -314,12 +330,12 @@ def _build(cls, d: dict, prefix: str):
     names = {f.name: f for f in fields(cls)}
     for key, value in d.items():
         if key not in names:
-            _unknown(f"{prefix}{key}", _all_keys(TrainConfig) if cls is TrainConfig or prefix else _all_keys(cls))
+            unknown_key(f"{prefix}{key}", _all_keys(TrainConfig) if cls is TrainConfig or prefix else _all_keys(cls))
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             setattr(obj, key, _build(type(current), value if value is not None else {}, f"{prefix}{key}."))
         else:
-            setattr(obj, key, _coerce(f"{prefix}{key}", value, _field_type(obj, key)))
+            setattr(obj, key, coerce_value(f"{prefix}{key}", value, _field_type(obj, key)))
     return obj
 
 
@@ -330,7 +346,7 @@ def _field_type(obj, name: str) -> str:
     return "Any"
 
 
-def _coerce(key: str, value, type_name: str):
+def coerce_value(key: str, value, type_name: str):
     """YAML gives ints where floats are meant (``lr: 1`` or ``gflops: 2e6`` as a string in old
     YAML); convert the obvious cases and refuse the rest with the key."""
     base = type_name.replace("Optional[", "").rstrip("]")
