@@ -4,7 +4,7 @@
     fastclip fit zeroshot_results.csv --metric acc1 --dataset imagenet1k --out fit-imagenet
     fastclip fit sweep.csv --metric zero_shot/top1 --compute gflops --group-by model
     fastclip plan --gflops 1e12 --dataset-size 4e8
-    fastclip plan --hours 24 --results sweep.csv --metric zero_shot/top1
+    fastclip plan --hours 24 --table sweeps/strategies/results.csv --metric zero_shot/top1
 
 Grouping: ``--group-by auto`` (the default) follows the scaling-law study where the table has its
 ``upstream_dataset`` column (LAION-trained models on their frontier, OpenAI's CLIP-WIT models by
@@ -170,17 +170,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset-size", type=float, default=None, help="image-text pairs available")
     p.add_argument(
+        "--table",
         "--results",
+        dest="results",
         default=None,
-        help="your results table (a sweep's CSV); default: the study's published results",
+        help="your results table (a sweep's results.csv); default: the study's published results",
     )
     p.add_argument(
         "--metric",
         default=None,
-        help="with --results: the metric column (e.g. zero_shot/top1); "
+        help="with --table: the metric column (e.g. zero_shot/top1); "
         "built-in: imagenet-zeroshot (default) or coco-image-retrieval",
     )
-    p.add_argument("--compute", default="gflops", help="with --results: the compute column (default gflops)")
+    p.add_argument("--compute", default="gflops", help="with --table: the compute column (default gflops)")
     p.add_argument("--bootstrap", type=int, default=500, help="resamples for the intervals (default 500)")
     p.add_argument("--train-shards", default="<your shards>", help="shards to put in the printed command")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
@@ -217,7 +219,7 @@ def run_plan(args):
     budget, how = _budget_gflops(args)
     if args.results:
         if not args.metric:
-            raise ValueError("--results needs --metric (the metric column to plan for)")
+            raise ValueError("--table needs --metric (the metric column to plan for)")
         plan = plan_from_results(
             load_results(args.results),
             budget,

@@ -1,5 +1,5 @@
 """``fastclip sweep``: a grid of training runs on the built-in dataset, run one after another into
-one results table that ``fastclip fit`` and ``fastclip plan --results`` read.
+one results table that ``fastclip fit`` and ``fastclip plan --table`` read.
 
     cfg = SweepConfig.from_file("sweep.yaml", overrides=["grid.seeds=[0,1]"])
     path = run_sweep(cfg)               # fastclip sweep --config sweep.yaml grid.seeds=[0,1]

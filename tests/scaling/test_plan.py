@@ -122,7 +122,7 @@ def test_cli_plan_published_and_own_table(tmp_path, capsys, monkeypatch):
     rows = sweep_rows()
     table.write_text(",".join(rows[0]) + "\n" + "\n".join(",".join(r.values()) for r in rows) + "\n")
     # --hours with a given throughput: 2 h at 1e4 GFLOP/s = 7.2e7 GFLOPs, where M wins
-    args = "plan --hours 2 --throughput 1e4 --results".split()
+    args = "plan --hours 2 --throughput 1e4 --table".split()
     assert cli_main([*args, str(table), *"--metric top1 --bootstrap 0".split()]) == 0
     out = capsys.readouterr().out
     assert "2 h at 1e+04 GFLOP/s (given) = 7.2e+07 GFLOPs" in out and "recommended: M with clip" in out
@@ -141,7 +141,7 @@ def test_cli_plan_published_and_own_table(tmp_path, capsys, monkeypatch):
         (["--gflops", "-1"], "budget_gflops must be finite and > 0"),
         (["--hours", "0"], "--hours must be > 0"),
         (["--hours", "1", "--throughput", "-5"], "--throughput must be > 0"),
-        (["--gflops", "1e9", "--results", "x.csv"], "--results needs --metric"),
+        (["--gflops", "1e9", "--results", "x.csv"], "--table needs --metric"),
     ],
 )
 def test_cli_plan_refusals(args, message, capsys):
