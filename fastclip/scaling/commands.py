@@ -227,6 +227,7 @@ def run_plan(args):
             dataset_size=args.dataset_size,
             compute=args.compute,
             bootstrap=args.bootstrap,
+            runs_dir=os.path.join(os.path.dirname(os.path.abspath(args.results)), "runs"),
         )
     else:
         plan = plan_from_published(

@@ -22,6 +22,7 @@ is allowed, with that warning), and prints the ``fastclip train`` command of the
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -66,6 +67,7 @@ class Candidate:
     gflops_per_sample: Optional[float] = None
     image_size: Optional[int] = None
     note: str = ""
+    config: Optional[str] = None   # a training config of one of its runs (a sweep's runs/<id>/config.yaml)
 
     def explain(self) -> str:
         """One line: what is predicted, from what, and how far it reaches."""
@@ -99,8 +101,16 @@ class Plan:
         return self.candidates[0]
 
     def command(self, train_shards: str = "<your shards>") -> str:
-        """The ``fastclip train`` command of the best candidate."""
+        """The ``fastclip train`` command of the best candidate: from the training config of its run
+        when the laws came from a sweep (its model, strategy and recipe exactly, the budget set),
+        else from its model and strategy names."""
         b = self.best
+        if b.config:
+            parts = ["fastclip train", f"--config {b.config}", f"budget.gflops={self.budget_gflops:.4g}",
+                     f"output_dir=fastclip-plan-{b.model}-{b.strategy}-{self.budget_gflops:.3g}"]
+            if train_shards != "<your shards>":
+                parts.append(f"data.train={train_shards}")
+            return " ".join(parts)
         parts = ["fastclip train", f"model.name={b.model}"]
         if b.image_size:
             parts.append(f"model.image_size={b.image_size}")
@@ -135,6 +145,29 @@ def _check_size(dataset_size) -> Optional[float]:
     if not math.isfinite(d) or d < 1:
         raise ValueError(f"dataset_size must be a number of image-text pairs >= 1, got {dataset_size!r}")
     return d
+
+
+def _run_config(rows: Sequence[dict], cond: dict, runs_dir: Optional[str]) -> Optional[str]:
+    """``runs_dir/<run_id>/config.yaml`` of a finished run matching ``cond`` (a sweep's layout), if any."""
+    if not runs_dir:
+        return None
+    for r in rows:
+        if r.get("run_id") and all(str(r.get(k)) in (list(map(str, v)) if isinstance(v, list) else [str(v)])
+                                   for k, v in cond.items()):
+            path = os.path.join(runs_dir, r["run_id"], "config.yaml")
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _law(x, error, bootstrap: int, seed: int) -> tuple[PowerLawFit, str]:
+    """A least-squares law with a bootstrap when its runs allow one; else without, and why."""
+    try:
+        return fit_power_law(x, error, "lstsq", bootstrap=bootstrap, seed=seed), ""
+    except ValueError as exc:
+        if not bootstrap or "bootstrap resamples" not in str(exc):
+            raise
+        return fit_power_law(x, error, "lstsq"), f"no interval: {len(np.unique(x))} distinct runs are too few"
 
 
 def _predict(fit: PowerLawFit, x: float) -> tuple[float, Optional[tuple], bool]:
@@ -193,13 +226,13 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
         mine = [r for r in rows if r["arch"] == arch]
         samples = np.array([float(r["samples_seen"]) for r in mine])
         error = np.array([1.0 - float(r[column]) for r in mine])
-        fit = fit_power_law(samples, error, "lstsq", bootstrap=bootstrap, seed=seed)
+        fit, why = _law(samples, error, bootstrap, seed)
         per_sample = 3 * model_flops(arch, image_size=224).total
         seen = budget / per_sample
         err, interval, extra = _predict(fit, seen)
-        note = ""
+        note = why
         if size is not None and seen > 10 * size:
-            note = f"{seen / size:.0f} passes over your data"
+            note = "; ".join(n for n in (note, f"{seen / size:.0f} passes over your data") if n)
         plan.candidates.append(
             Candidate(arch, "clip", fit, seen, "samples seen", err, interval, extra, per_sample, 224, note)
         )
@@ -208,7 +241,7 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
 
 def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *,
                       dataset_size: Optional[float] = None, compute: str = "gflops", bootstrap: int = 500,
-                      seed: int = 0) -> Plan:
+                      seed: int = 0, runs_dir: Optional[str] = None) -> Plan:
     """Plan with laws fitted to the user's results table (a sweep's), one per (model, strategy)."""
     from .results import select_points
 
@@ -250,12 +283,13 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
             if len(np.unique(pts.compute)) < 2:
                 plan.notes.append(f"{model} {strategy}: one compute value only, no law")
                 continue
-            fit = fit_power_law(pts.compute, pts.error, "lstsq", bootstrap=bootstrap, seed=seed)
+            fit, why = _law(pts.compute, pts.error, bootstrap, seed)
             err, interval, extra = _predict(fit, budget)
             sizes = {r.get("image_size") for r in rows if r["model"] == model and r.get("image_size")}
             image_size = int(float(sizes.pop())) if len(sizes) == 1 else None
             plan.candidates.append(
-                Candidate(model, strategy, fit, budget, compute, err, interval, extra, image_size=image_size)
+                Candidate(model, strategy, fit, budget, compute, err, interval, extra, image_size=image_size,
+                          note=why, config=_run_config(rows, cond, runs_dir))
             )
     if not plan.candidates:
         raise ValueError(

@@ -148,3 +148,23 @@ def test_cli_plan_refusals(args, message, capsys):
     with pytest.raises(SystemExit):
         cli_main(["plan", *args])
     assert message in capsys.readouterr().err
+
+
+def test_a_sweep_table_gives_the_command_of_its_run_config(tmp_path):
+    """From a sweep's results (labels in the table), the command starts from the exact training config
+    of one of the best candidate's runs (runs/<run_id>/config.yaml), with the budget set."""
+    rows = [dict(r, run_id=f"{r['model']}-{r['gflops']}") for r in sweep_rows()]
+    for r in rows:
+        (tmp_path / "runs" / r["run_id"]).mkdir(parents=True)
+        (tmp_path / "runs" / r["run_id"] / "config.yaml").write_text("model: {name: ViT-Ti-16}\n")
+    plan = plan_from_results(rows, 1e8, "top1", bootstrap=0, runs_dir=str(tmp_path / "runs"))
+    assert plan.best.model == "M" and plan.best.config.startswith(str(tmp_path / "runs" / "M-"))
+    cmd = plan.command()
+    assert cmd.startswith(f"fastclip train --config {plan.best.config} budget.gflops=1e+08 output_dir=")
+    assert "data.train" not in cmd and "data.train=x" in plan.command("x")
+
+
+def test_too_few_runs_for_an_interval_give_a_law_without_one():
+    two = [r for r in sweep_rows() if r["gflops"] in ("10000.0", "100000000.0")]
+    plan = plan_from_results(two, 1e6, "top1", bootstrap=100)
+    assert all(c.interval is None and "too few" in c.note for c in plan.candidates)
