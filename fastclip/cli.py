@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -178,11 +179,23 @@ def _add_sweep_command(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the full sweep config and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="check every configuration and list them with their planned steps; train nothing")
+    p.add_argument("--preset", default=None, choices=("strategies",),
+                   help="a study of 'Scaling (Down) CLIP' on the built-in dataset, sized for a 2-core CPU "
+                        "(fastclip.scaling.presets): its sweeps, then findings.md/.png with a verdict")
+    p.add_argument("--out", default=None, help="with --preset: the output folder (default sweeps/<preset>)")
 
 
 def _run_sweep(args, parser) -> int:
     from .scaling.sweep import SweepConfig, check_runs, expand, run_sweep, sweep_state
     from .train import ConfigError
+    if args.preset:
+        from .scaling.presets import run_preset
+        if args.config or args.overrides:
+            parser.error("--preset runs its own sweeps: leave out --config and key=value overrides")
+        report = run_preset(args.preset, args.out or os.path.join("sweeps", args.preset))
+        print("\n".join(f"- {v}" for v in report["verdict"]))
+        print(f"wrote {os.path.join(os.path.dirname(report['results']), 'findings.md')} and {report['results']}")
+        return 0
     cfg = _config_or_exit(SweepConfig, args, parser)
     if cfg is None:
         return 0
