@@ -1,6 +1,6 @@
 """Triton kernels of the CLIP (InfoNCE) loss: the ``triton`` engine of ``fastclip.ops.clip_loss``.
 
-Imported lazily by ``clip_loss._TritonEngine`` (importing fastclip never imports Triton).  The two
+Imported lazily by ``clip_loss.TritonEngine`` (importing fastclip never imports Triton).  The two
 launchers have the contracts of ``chunked_lse`` and ``chunked_softmax_grads``:
 
     clip_lse(a, b, scale)                                   -> (row_lse [M], col_lse [K])  fp64

@@ -16,6 +16,7 @@ scenes), the budget about 300 CLIP steps of 128 samples, two seeds.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import statistics
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 from ..atomic import atomic_write_bytes
 from ..lazy import plotting
 from ..train.demo import DEMO_MODEL
+from .results import load_results
 
 __all__ = ["PRESETS", "preset_sweeps", "run_preset", "findings"]
 
@@ -71,11 +73,7 @@ def run_preset(name: str, output_dir: str, **kwargs) -> dict:
 
 
 def _read(paths: Sequence[str]) -> list:
-    rows = []
-    for p in paths:
-        with open(p, newline="") as f:
-            rows += [r for r in csv.DictReader(f) if r.get("status") == "finished"]
-    return rows
+    return [r for p in paths for r in load_results(p) if r.get("status") == "finished"]
 
 
 def _summary(rows: list, keys: Sequence[str]) -> dict:
@@ -113,8 +111,11 @@ def findings(name: str, tables: Sequence[str], output_dir: str) -> dict:
     cols = list(rows[0])
     for r in rows[1:]:
         cols += [c for c in r if c not in cols]
-    lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
-    atomic_write_bytes(merged, ("\n".join(lines) + "\n").encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, cols, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(merged, buf.getvalue().encode())
     summ = _summary(rows, ("strategy", "dataset_size"))
     full = max(int(k[1]) for k in summ)
     half = min(int(k[1]) for k in summ)
