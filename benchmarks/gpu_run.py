@@ -13,7 +13,7 @@ are chosen to fit one command of a few minutes, each a pytest run with a fixed s
     attention     Triton vs flash-attn / xformers / SDPA at CLIP's shapes, and the 0.9x target record
     data          DALI ``mixed`` images/s beside the PIL fallback
     train         ViT-B-16 CLIP training step in bf16 (MFU), and the ViT-S-16 targets record
-    budget        the budget benchmark's GPU rows (``benchmarks/test_budget_bench.py``, once it exists)
+    budget        the budget benchmark's GPU rows (``benchmarks/test_budget_bench.py``)
     triton-tests  the Triton kernels' correctness tests, on the GPU instead of the interpreter
 
 Time: ``--budget-s`` (default 450) covers the whole run.  Each step's timeout is its weight's share

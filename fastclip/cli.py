@@ -192,7 +192,11 @@ def _run_sweep(args, parser) -> int:
         from .scaling.presets import run_preset
         if args.config or args.overrides:
             parser.error("--preset runs its own sweeps: leave out --config and key=value overrides")
-        report = run_preset(args.preset, args.out or os.path.join("sweeps", args.preset))
+        try:
+            report = run_preset(args.preset, args.out or os.path.join("sweeps", args.preset))
+        except ValueError as exc:  # ConfigError included
+            print(f"fastclip sweep: error: {exc}", file=sys.stderr)
+            return 2
         print("\n".join(f"- {v}" for v in report["verdict"]))
         print(f"wrote {os.path.join(os.path.dirname(report['results']), 'findings.md')} and {report['results']}")
         return 0

@@ -44,7 +44,6 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -57,6 +56,7 @@ import torch
 from ..atomic import atomic_write_bytes, checksum
 from ..lazy import optional_module
 from .common import autocast_context, eval_mode, iterate_batches, model_device, model_dtype
+from .linear_probe import evaluate_linear_probe
 from .retrieval import retrieval_metrics
 from .zero_shot import evaluate_zero_shot
 
@@ -535,7 +535,6 @@ def _retrieval(run: _Run, dataset: str, files: list) -> tuple[dict, dict]:
 
 def _linear_probe(run: _Run, dataset: str, files: list, train_files: list, cache_dir: Optional[str],
                   cache_key: str) -> tuple[dict, dict]:
-    from .linear_probe import evaluate_linear_probe  # written beside this module; imported when used
     train_loader = run.loader(train_files, with_labels=True, return_meta=False)
     test_loader = run.loader(files, with_labels=True, return_meta=False)
     metrics = evaluate_linear_probe(run.model, train_loader, test_loader, device=run.device,
@@ -707,9 +706,6 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
         if lacking:
             raise ValueError(f"task linear_probe needs a training split for every dataset: give --train "
                              f"NAME=SHARDS for {', '.join(lacking)}")
-        if importlib.util.find_spec(f"{__package__}.linear_probe") is None:
-            raise ValueError(f"task linear_probe needs {__package__}.linear_probe, which this fastclip does "
-                             "not have")
         train_files = {d: _shard_files(f"--train {d!r}", s) for d, s in train_sets.items()}
     batch_size = _pos_int("batch_size", batch_size)
     num_threads = _pos_int("num_threads", num_threads)

@@ -1,6 +1,6 @@
 """Triton kernels of the SigLIP loss: the ``triton`` engine of ``fastclip.ops.siglip_loss``.
 
-Imported lazily by ``siglip_loss._TritonSweep``.  The launcher has the contract of
+Imported lazily by ``siglip_loss.TritonSweep``.  The launcher has the contract of
 ``chunked_siglip_sweep``:
 
     siglip_sweep(a, b, scale, bias, need_grads) -> (total, ga, gb, sig_sum)

@@ -467,7 +467,7 @@ def _distributed_clip_loss(a, b, logit_scale, logit_bias=None, *, group=None, mo
             AgreementField("label_smoothing", eps),
             AgreementField("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
         ]
-    except Exception as exc:  # reported to every rank by _agree
+    except Exception as exc:  # reported to every rank by agree_inputs
         error = exc
     counts = agree_inputs("distributed_clip_loss", group, error, n, fields, _N_CLIP_FIELDS)
     layout = Layout(rank, counts)
@@ -542,7 +542,7 @@ def _distributed_siglip_loss(a, b, logit_scale, logit_bias, *, group=None, backe
         fields = _common_fields(a, b, scale_t, bias_t, True) + [
             AgreementField("backend kind (reference or kernels)", float(engine is not None), show=["reference", "kernels"]),
         ]
-    except Exception as exc:  # reported to every rank by _agree
+    except Exception as exc:  # reported to every rank by agree_inputs
         error = exc
     counts = agree_inputs("distributed_siglip_loss", group, error, n, fields, _N_SIGLIP_FIELDS)
     layout = Layout(rank, counts)

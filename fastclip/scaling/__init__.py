@@ -1,7 +1,8 @@
-"""Scaling laws: power-law fits of error against compute, results tables, plots.
+"""Scaling laws: power-law fits of error against compute, results tables, plots, planning and sweeps.
 
-Above eval in fastclip's layering (data -> models -> losses -> train -> eval -> scaling): it reads
-results tables, never a model.
+Above eval in fastclip's layering (data -> models -> losses -> train -> eval -> scaling).  The fits,
+tables and plans read results tables, never a model; the sweep runner (which trains) is imported
+only when one of its names is first used, so ``fastclip fit`` and ``plan`` do not load the trainer.
 """
 
 from .fit import FORMS, METHODS, PowerLawFit, fit_power_law, frontier_points
@@ -15,7 +16,6 @@ from .results import (
     select_points,
     study_groups,
 )
-from .sweep import Run, SweepConfig, expand, run_sweep
 
 __all__ = [
     "fit_power_law",
@@ -36,3 +36,13 @@ __all__ = [
     "expand",
     "run_sweep",
 ]
+
+
+_SWEEP_NAMES = ("Run", "SweepConfig", "expand", "run_sweep")
+
+
+def __getattr__(name):
+    if name in _SWEEP_NAMES:
+        from . import sweep
+        return getattr(sweep, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ a column separately with ``--method``; ``--group-by none`` fits every row togeth
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 
@@ -227,7 +228,8 @@ def run_plan(args):
             dataset_size=args.dataset_size,
             compute=args.compute,
             bootstrap=args.bootstrap,
-            runs_dir=os.path.join(os.path.dirname(os.path.abspath(args.results)), "runs"),
+            runs_dir=glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.results)), "runs"))
+            + glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.results)), "*", "runs")),
         )
     else:
         plan = plan_from_published(

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fit import PowerLawFit, fit_power_law
-from .results import OPENAI_UPSTREAM, published_results
+from .results import published_results
 
 __all__ = [
     "Candidate",
@@ -147,16 +147,17 @@ def _check_size(dataset_size) -> Optional[float]:
     return d
 
 
-def _run_config(rows: Sequence[dict], cond: dict, runs_dir: Optional[str]) -> Optional[str]:
-    """``runs_dir/<run_id>/config.yaml`` of a finished run matching ``cond`` (a sweep's layout), if any."""
-    if not runs_dir:
-        return None
+def _run_config(rows: Sequence[dict], cond: dict, runs_dir) -> Optional[str]:
+    """``<runs dir>/<run_id>/config.yaml`` of a finished run matching ``cond`` (a sweep's layout), if
+    any; ``runs_dir``: a folder or a list of folders (a preset's sub-sweeps each have one)."""
+    dirs = [runs_dir] if isinstance(runs_dir, str) else list(runs_dir or ())
     for r in rows:
-        if r.get("run_id") and all(str(r.get(k)) in (list(map(str, v)) if isinstance(v, list) else [str(v)])
-                                   for k, v in cond.items()):
-            path = os.path.join(runs_dir, r["run_id"], "config.yaml")
-            if os.path.isfile(path):
-                return path
+        if r.get("run_id") and r.get("status", "finished") == "finished" and all(
+                str(r.get(k)) in (list(map(str, v)) if isinstance(v, list) else [str(v)]) for k, v in cond.items()):
+            for d in dirs:
+                path = os.path.join(d, r["run_id"], "config.yaml")
+                if os.path.isfile(path):
+                    return path
     return None
 
 
@@ -221,7 +222,6 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
         for r in published_results()
         if r["downstream_dataset"] == downstream and r["upstream_dataset"] == upstream and r.get(column)
     ]
-    assert upstream != OPENAI_UPSTREAM
     for arch in STUDY_ARCHS:
         mine = [r for r in rows if r["arch"] == arch]
         samples = np.array([float(r["samples_seen"]) for r in mine])
@@ -241,7 +241,7 @@ def plan_from_published(budget_gflops: float, dataset_size: Optional[float] = No
 
 def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *,
                       dataset_size: Optional[float] = None, compute: str = "gflops", bootstrap: int = 500,
-                      seed: int = 0, runs_dir: Optional[str] = None) -> Plan:
+                      seed: int = 0, runs_dir=None) -> Plan:
     """Plan with laws fitted to the user's results table (a sweep's), one per (model, strategy)."""
     from .results import select_points
 
@@ -258,7 +258,7 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
     if "dataset_size" in rows[0]:
         sizes = sorted({float(r["dataset_size"]) for r in rows if r.get("dataset_size")})
         if sizes:
-            chosen = sizes[0] if size is None else min(sizes, key=lambda s: abs(math.log(s / size)))
+            chosen = sizes[-1] if size is None else min(sizes, key=lambda s: abs(math.log(s / size)))
             where["dataset_size"] = [
                 r["dataset_size"]
                 for r in rows
@@ -268,6 +268,12 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
                 f"runs at dataset size {chosen:.3g}"
                 + ("" if size is None else f", the closest to yours ({size:.3g})")
             )
+    if "caption_noise" in rows[0]:  # one law mixes no caption qualities: the cleanest captions
+        noises = sorted({float(r["caption_noise"]) for r in rows if r.get("caption_noise")})
+        if len(noises) > 1:
+            where["caption_noise"] = [r["caption_noise"] for r in rows
+                                      if r.get("caption_noise") and float(r["caption_noise"]) == noises[0]]
+            plan.notes.append(f"runs at caption noise {noises[0]:g} (the table also has {noises[1:]})")
     strategies = sorted({r.get("strategy") or "clip" for r in rows})
     for model in sorted({r["model"] for r in rows}):
         for strategy in strategies:

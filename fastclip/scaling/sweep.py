@@ -417,15 +417,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[i
     cfg.save(os.path.join(out, "sweep.yaml"))
     _write_results(results_path, state)  # repairs a table that a crash left behind its state
 
-    todo = [r for r in runs if r.id not in state["finished"]]
+    todo = [r for r in runs if r.id not in state["finished"]][:stop_after]
     report = _Progress(cfg.name, runs, state, progress)
     try:
         data = prepare_sweep_data(cfg, todo, report.line) if todo else {}
         from ..train import CheckpointManager
         from ..train import train as train_fn  # looked up per call: tests count the calls
         for n, run in enumerate(todo):
-            if stop_after is not None and n >= stop_after:
-                break
             report.start(run, todo[n:])
             t0 = time.perf_counter()
             run_dir = os.path.join(out, "runs", run.id)
@@ -549,7 +547,7 @@ class _Progress:
 
     def start(self, run: Run, left: list) -> None:
         """``left``: the configurations still to run in this call, ``run`` first."""
-        self.line(f"{self._done() + 1}/{self.total} {run.id} started (elapsed {_clock(time.perf_counter() - self.t0)}, "
+        self.line(f"{self._done() + (run.id not in self.state['failed'])}/{self.total} {run.id} started (elapsed {_clock(time.perf_counter() - self.t0)}, "
                   f"ETA {self._eta(left)})")
 
     def end(self, run: Run, row: dict, wall: float, error: Optional[str], left: list) -> None:
