@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -179,21 +180,30 @@ def _add_sweep_command(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the full sweep config and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="check every configuration and list them with their planned steps; train nothing")
-    p.add_argument("--preset", default=None, choices=("strategies",),
+    p.add_argument("--preset", default=None, choices=("quality-vs-quantity", "model-vs-data", "strategies"),
                    help="a study of 'Scaling (Down) CLIP' on the built-in dataset, sized for a 2-core CPU "
                         "(fastclip.scaling.presets): its sweeps, then findings.md/.png with a verdict")
     p.add_argument("--out", default=None, help="with --preset: the output folder (default sweeps/<preset>)")
+    p.add_argument("--worker", default=None, metavar="K/N",
+                   help="run only the configurations at grid positions K modulo N, so that N processes started "
+                        "at once share the sweep (default: torchrun's RANK/WORLD_SIZE, else all)")
 
 
 def _run_sweep(args, parser) -> int:
     from .scaling.sweep import SweepConfig, check_runs, expand, run_sweep, sweep_state
     from .train import ConfigError
+    worker = None
+    if args.worker is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.worker)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            parser.error(f"--worker must be K/N with 0 <= K < N (e.g. 0/2), got {args.worker!r}")
+        worker = (int(m.group(1)), int(m.group(2)))
     if args.preset:
         from .scaling.presets import run_preset
         if args.config or args.overrides:
             parser.error("--preset runs its own sweeps: leave out --config and key=value overrides")
         try:
-            report = run_preset(args.preset, args.out or os.path.join("sweeps", args.preset))
+            report = run_preset(args.preset, args.out or os.path.join("sweeps", args.preset), worker=worker)
         except ValueError as exc:  # ConfigError included
             print(f"fastclip sweep: error: {exc}", file=sys.stderr)
             return 2
@@ -211,7 +221,7 @@ def _run_sweep(args, parser) -> int:
                 print(f"{run.id}: {planned[run.id]} steps")
             print(f"{len(runs)} configurations -> {cfg.output_dir}")
             return 0
-        run_sweep(cfg)
+        run_sweep(cfg, worker=worker)
     except (ConfigError, ValueError) as exc:
         print(f"fastclip sweep: error: {exc}", file=sys.stderr)
         return 2

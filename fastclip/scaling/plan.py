@@ -274,6 +274,12 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
             where["caption_noise"] = [r["caption_noise"] for r in rows
                                       if r.get("caption_noise") and float(r["caption_noise"]) == noises[0]]
             plan.notes.append(f"runs at caption noise {noises[0]:g} (the table also has {noises[1:]})")
+    if "filter_top" in rows[0]:  # nor filtered and unfiltered sets: the least filtered one
+        tops = sorted({float(r["filter_top"]) for r in rows if r.get("filter_top")}, reverse=True)
+        if len(tops) > 1:
+            where["filter_top"] = [r["filter_top"] for r in rows
+                                   if r.get("filter_top") and float(r["filter_top"]) == tops[0]]
+            plan.notes.append(f"runs on the top {tops[0]:g}% of their data (the table also has {tops[1:]})")
     strategies = sorted({r.get("strategy") or "clip" for r in rows})
     for model in sorted({r["model"] for r in rows}):
         for strategy in strategies:

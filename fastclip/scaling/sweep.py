@@ -58,8 +58,8 @@ __all__ = ["SweepConfig", "GridConfig", "SweepDataConfig", "ModelSpec", "Strateg
            "ROW_COLUMNS"]
 
 # The results table's leading columns; the evaluation's metrics follow, named as the trainer names them.
-ROW_COLUMNS = ("run_id", "model", "image_size", "strategy", "dataset_size", "caption_noise", "seed", "budget_gflops",
-               "gflops", "samples_seen", "steps", "seconds", "status")
+ROW_COLUMNS = ("run_id", "model", "image_size", "strategy", "dataset_size", "caption_noise", "filter_top", "train_pairs",
+               "train_clean", "seed", "budget_gflops", "gflops", "samples_seen", "steps", "seconds", "status")
 STATE_FILE = "sweep-state.json"
 RESULTS_FILE = "results.csv"
 STATE_VERSION = 1
@@ -114,6 +114,7 @@ class GridConfig:
     strategies: list = field(default_factory=lambda: [StrategySpec()])   # StrategySpec (or just a name)
     dataset_sizes: list = field(default_factory=list)                    # samples of the built-in dataset
     caption_noise: list = field(default_factory=lambda: [0.0])           # fraction of corrupted captions
+    filter_top: list = field(default_factory=lambda: [100.0])            # % kept by fastclip filter (100: all)
     budgets_gflops: list = field(default_factory=list)                   # training compute per run
     seeds: list = field(default_factory=lambda: [0])
 
@@ -128,6 +129,11 @@ class SweepDataConfig:
     seed: int = DEMO_DATA["seed"]
     caption_detail: float = DEMO_DATA["caption_detail"]
     root: Optional[str] = None                          # where the sets are cached (default: output_dir/data)
+    # grid.filter_top < 100: the scorer (fastclip.scaling.filtered): a training checkpoint, or
+    # the demo model trained by the sweep on clean pairs of another seed
+    filter_checkpoint: Optional[str] = None
+    scorer_dataset_size: int = 5000
+    scorer_budget_gflops: float = 1.2e4
 
 
 @dataclass
@@ -221,7 +227,7 @@ class SweepConfig:
         if empty:
             raise ConfigError(f"the grid is empty: {', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no "
                               "value (every list needs at least one; fastclip sweep --print-config shows the layout)")
-        for name in ("dataset_sizes", "caption_noise", "budgets_gflops", "seeds"):
+        for name in ("dataset_sizes", "caption_noise", "filter_top", "budgets_gflops", "seeds"):
             _no_duplicates(f"grid.{name}", getattr(g, name))
         _no_duplicates("grid.models (by label)", [m.key for m in g.models],
                        "give the entries distinct labels (label: ...), the results table's model column")
@@ -236,6 +242,13 @@ class SweepConfig:
         for v in g.caption_noise:
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"grid.caption_noise values must be fractions in [0, 1], got {v}")
+        for v in g.filter_top:
+            if not 0.0 < v <= 100.0:
+                raise ConfigError(f"grid.filter_top values must be percentages in (0, 100] (100: unfiltered), got {v}")
+        if d.scorer_dataset_size < 1:
+            raise ConfigError(f"data.scorer_dataset_size must be a positive sample count, got {d.scorer_dataset_size}")
+        if not (math.isfinite(d.scorer_budget_gflops) and d.scorer_budget_gflops > 0):
+            raise ConfigError(f"data.scorer_budget_gflops must be finite and > 0, got {d.scorer_budget_gflops}")
         for v in g.budgets_gflops:
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"grid.budgets_gflops values must be finite and > 0, got {v}")
@@ -267,10 +280,16 @@ class Run:
     budget_gflops: float
     seed: int
     settings: dict
+    filter_top: float = 100.0
 
     @property
     def data_key(self) -> tuple:
-        return (self.dataset_size, self.caption_noise)
+        return (self.dataset_size, self.caption_noise, self.filter_top)
+
+    @property
+    def train_pairs(self) -> int:
+        """The pairs trained on: the dataset, or the part of it the filter keeps (as it rounds)."""
+        return self.dataset_size if self.filter_top >= 100 else max(1, round(self.filter_top / 100 * self.dataset_size))
 
 
 def expand(cfg: SweepConfig) -> list:
@@ -278,18 +297,25 @@ def expand(cfg: SweepConfig) -> list:
     config is validated first; an empty grid is refused."""
     cfg.validate()
     g = cfg.grid
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("root",) + _FILTER_KEYS}
+    scorer = {k: getattr(cfg.data, k) for k in _FILTER_KEYS}
     base = {k: v for k, v in _flat(cfg.base).items()
             if not any(k == p or k.startswith(p + ".") for p in _NOT_HASHED)}
     runs = []
-    for m, s, size, noise, budget, seed in itertools.product(g.models, g.strategies, g.dataset_sizes,
-                                                             g.caption_noise, g.budgets_gflops, g.seeds):
+    for m, s, size, noise, top, budget, seed in itertools.product(g.models, g.strategies, g.dataset_sizes,
+                                                                  g.caption_noise, g.filter_top, g.budgets_gflops,
+                                                                  g.seeds):
         image_size = m.image_size or cfg.data.image_size
         settings = {"model": {"name": m.name, "image_size": image_size, "overrides": m.overrides},
                     "strategy": dict(s.settings, name=s.name), "dataset_size": size, "caption_noise": noise,
                     "budget_gflops": budget, "seed": seed, "data": data, "base": base}
-        slug = _slug(f"{m.key}_{s.key}_n{size}_noise{noise:g}_g{budget:.3g}_s{seed}")
-        runs.append(Run(f"{slug}-{_digest(settings)[:10]}", m, s, image_size, size, noise, budget, seed, settings))
+        filtered = top < 100
+        if filtered:  # only filtered runs carry the filter's settings: unfiltered ids stay as they were
+            settings["filter"] = dict(scorer, top=top)
+        slug = _slug(f"{m.key}_{s.key}_n{size}_noise{noise:g}" + (f"_top{top:g}" if filtered else "")
+                     + f"_g{budget:.3g}_s{seed}")
+        runs.append(Run(f"{slug}-{_digest(settings)[:10]}", m, s, image_size, size, noise, budget, seed, settings,
+                        filter_top=top))
     return runs
 
 
@@ -298,16 +324,18 @@ def grid_hash(runs: list) -> str:
     return _digest(sorted(r.id for r in runs))[:16]
 
 
-def train_config_for(cfg: SweepConfig, run: Run, data: Optional[dict] = None) -> TrainConfig:
+def train_config_for(cfg: SweepConfig, run: Run, data: Optional[dict] = None,
+                     device: Optional[str] = None) -> TrainConfig:
     """The training config of ``run``: the demo's recipe, ``eval.every_steps=0``, ``base``, then the
-    run's model, strategy, budget and seed.  ``data``: the prepared sets (``train``, ``zero_shot``,
-    ``retrieval``); without it, placeholders (enough to check the config)."""
+    run's model, strategy, budget and seed (and ``device`` if given).  ``data``: the prepared sets
+    (``train``, ``zero_shot``, ``retrieval``); without it, placeholders (enough to check the config)."""
     from ..train.demo import demo_config
     data = data or {"train": "<train set>", "zero_shot": "<zero-shot set>", "retrieval": "<retrieval set>"}
     items = [("eval.every_steps", 0)] + list(_flat(cfg.base).items())
     items += [("seed", run.seed), ("model.name", run.model.name), ("model.image_size", run.image_size),
               ("model.overrides", dict(run.model.overrides)), ("strategy.name", run.strategy.name)]
     items += [(f"strategy.{k}", v) for k, v in run.strategy.settings.items()]
+    items += [("device", device)] if device else []
     return demo_config(data, os.path.join(cfg.output_dir, "runs", run.id), run.budget_gflops, items)
 
 
@@ -323,9 +351,11 @@ def check_runs(cfg: SweepConfig, runs: Optional[list] = None) -> dict:
     for run in runs:
         try:
             tc = train_config_for(cfg, run).validate()
-            if run.dataset_size < tc.data.batch_size:
-                raise ConfigError(f"dataset size {run.dataset_size} is smaller than one batch (data.batch_size="
-                                  f"{tc.data.batch_size}): the trainer takes full batches only")
+            if run.train_pairs < tc.data.batch_size:
+                what = (f"dataset size {run.dataset_size}" if run.filter_top >= 100 else
+                        f"the top {run.filter_top:g}% of {run.dataset_size} pairs ({run.train_pairs})")
+                raise ConfigError(f"{what} is smaller than one batch (data.batch_size={tc.data.batch_size}): "
+                                  "the trainer takes full batches only")
             if "image_size" in tc.model.overrides:
                 raise ConfigError("set a model's resolution with grid.models[].image_size, not in its overrides")
             _, _, budget = plan_run(tc)  # as the trainer plans it
@@ -344,23 +374,38 @@ def check_runs(cfg: SweepConfig, runs: Optional[list] = None) -> dict:
 # data
 # ----------------------------------------------------------------------------------------------
 def prepare_sweep_data(cfg: SweepConfig, runs: Optional[list] = None, log=print) -> dict:
-    """Write (or reuse) each distinct dataset of ``runs`` once: ``{(dataset_size, caption_noise):
-    {"train", "zero_shot", "retrieval"}}`` (directories of shards)."""
+    """Write (or reuse) each distinct dataset of ``runs`` once: ``{(dataset_size, caption_noise,
+    filter_top): {"train", "zero_shot", "retrieval", "pairs", "clean"}}`` (directories of shards; the
+    training set's pairs and the share of them with their own caption).  Filtered sets
+    (``filter_top`` < 100) are the top of the unfiltered one by the scorer's CLIP score
+    (:mod:`fastclip.scaling.filtered`; the scorer is trained first when the sweep makes its own)."""
     from ..train.demo import prepare_data
+    from .filtered import clean_fraction, filtered_set, scorer_checkpoint
     runs = expand(cfg) if runs is None else runs
     d = cfg.data
     root = d.root or os.path.join(cfg.output_dir, "data")
     out = {}
+    scorer = None
     for size in sorted({r.dataset_size for r in runs}):
         t0 = time.perf_counter()
         for noise in sorted({r.caption_noise for r in runs if r.dataset_size == size}):
             sets = prepare_data(root, d.image_size, {"train": size, "zero_shot": d.zero_shot, "retrieval": d.retrieval,
                                                      "seed": d.seed, "caption_detail": d.caption_detail,
                                                      "caption_noise": noise})
-            out[(size, noise)] = {"train": sets["train"], "zero_shot": sets["zero_shot"],
-                                  "retrieval": sets["retrieval"]}
-        log(f"data: {size} samples x caption noise {sorted(k[1] for k in out if k[0] == size)} ready in "
-            f"{time.perf_counter() - t0:.1f} s ({root})")
+            corrupted = sets["train_meta"].get("num_corrupted")
+            held_out = {"zero_shot": sets["zero_shot"], "retrieval": sets["retrieval"]}
+            out[(size, noise, 100.0)] = dict(held_out, train=sets["train"], pairs=size,
+                                             clean=None if corrupted is None else 1 - corrupted / size)
+            for top in sorted({r.filter_top for r in runs if r.data_key[:2] == (size, noise) and r.filter_top < 100}):
+                if scorer is None:
+                    scorer = scorer_checkpoint(root, cfg, log)
+                train = filtered_set(sets["train"], top, scorer, d.image_size, log)
+                with open(os.path.join(train, "filter.json")) as f:
+                    kept = json.load(f)["kept"]
+                out[(size, noise, top)] = dict(held_out, train=train, pairs=kept, clean=clean_fraction(train))
+        log(f"data: {size} samples x caption noise {sorted({k[1] for k in out if k[0] == size})}"
+            + (f" x top {sorted({k[2] for k in out if k[0] == size})}%" if any(k[2] < 100 for k in out) else "")
+            + f" ready in {time.perf_counter() - t0:.1f} s ({root})")
     return out
 
 
@@ -384,7 +429,8 @@ def sweep_state(output_dir: str) -> Optional[dict]:
     return state
 
 
-def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[int] = None) -> str:
+def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[int] = None,
+              worker: Optional[tuple] = None) -> str:
     """Run the configurations of ``cfg`` not finished yet, one after another; returns the path of
     ``results.csv``.
 
@@ -393,34 +439,51 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[i
         progress: a tqdm bar over the configurations (the start/end lines are always printed).
         stop_after: return after this many configurations have run in this call (finished or
             failed); a later call continues with the rest.
+        worker: ``(index, count)``: this process runs the configurations whose position in the
+            grid is ``index`` modulo ``count``, so that ``count`` processes started at once (on
+            one machine or several sharing the output folder) split the sweep; they share its
+            state under a file lock.  Default: under torchrun, ``(RANK, WORLD_SIZE)`` (each rank
+            trains its configurations alone, on ``cuda:LOCAL_RANK`` when there is a GPU and
+            ``base.device`` is auto); otherwise every configuration.
 
     Raises ConfigError when the config or a configuration is invalid, or when ``output_dir`` holds
     another sweep's results.
     """
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be None or a positive integer, got {stop_after!r}")
+    index, count, local_rank = _worker(worker)
     runs = expand(cfg)
     check_runs(cfg, runs)
     ghash = grid_hash(runs)
     out = cfg.output_dir
     state_path, results_path = os.path.join(out, STATE_FILE), os.path.join(out, RESULTS_FILE)
-    state = sweep_state(out)
-    if state is not None and state["grid_hash"] != ghash:
-        raise ConfigError(_other_sweep_message(cfg, state, ghash))
-    if state is None and os.path.exists(results_path):
-        raise ConfigError(f"output_dir {out!r} holds a {RESULTS_FILE} but no {STATE_FILE}: not this sweep's "
-                          "folder; choose another output_dir")
-    if state is None:
-        state = {"version": STATE_VERSION, "sweep": cfg.name, "grid_hash": ghash, "total": len(runs),
-                 "finished": [], "failed": {}, "records": {}}
-        _save_state(state_path, state)
-    cfg.save(os.path.join(out, "sweep.yaml"))
-    _write_results(results_path, state)  # repairs a table that a crash left behind its state
-
-    todo = [r for r in runs if r.id not in state["finished"]][:stop_after]
-    report = _Progress(cfg.name, runs, state, progress)
+    mine = [r for i, r in enumerate(runs) if i % count == index]
+    with _SweepLock(out):
+        state = sweep_state(out)
+        if state is not None and state["grid_hash"] != ghash:
+            raise ConfigError(_other_sweep_message(cfg, state, ghash))
+        if state is None and os.path.exists(results_path):
+            raise ConfigError(f"output_dir {out!r} holds a {RESULTS_FILE} but no {STATE_FILE}: not this sweep's "
+                              "folder; choose another output_dir")
+        if state is None:
+            state = {"version": STATE_VERSION, "sweep": cfg.name, "grid_hash": ghash, "total": len(runs),
+                     "finished": [], "failed": {}, "records": {}}
+            _save_state(state_path, state)
+        cfg.save(os.path.join(out, "sweep.yaml"))
+        _write_results(results_path, state)  # repairs a table that a crash left behind its state
+        todo = [r for r in mine if r.id not in state["finished"]][:stop_after]
+        report = _Progress(cfg.name if count == 1 else f"{cfg.name} [worker {index}/{count}]", runs, state, progress)
+        try:
+            data = prepare_sweep_data(cfg, todo, report.line) if todo else {}
+        except BaseException:
+            report.close()
+            raise
+    device = None
+    if local_rank is not None and _flat(cfg.base).get("device", "auto") == "auto":
+        import torch
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
     try:
-        data = prepare_sweep_data(cfg, todo, report.line) if todo else {}
         from ..train import CheckpointManager
         from ..train import train as train_fn  # looked up per call: tests count the calls
         for n, run in enumerate(todo):
@@ -435,24 +498,29 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[i
             error = tb = None
             summary: dict = {}
             try:
-                summary = train_fn(train_config_for(cfg, run, data[run.data_key]), resume=resume)
+                with _one_process():
+                    summary = train_fn(train_config_for(cfg, run, data[run.data_key], device=device), resume=resume)
                 if not isinstance(summary, dict):
                     raise TypeError(f"train() returned {type(summary).__name__}, not its summary")
             except Exception as exc:  # noqa: BLE001 - a failing configuration must not end the sweep
                 error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
                 summary = {}
             wall = time.perf_counter() - t0
-            row = _row(run, summary, "failed" if error else "finished")
-            state["records"].pop(run.id, None)  # a retried run moves to the end of the table
-            state["records"][run.id] = {"status": row["status"], "row": row, "wall_seconds": round(wall, 3),
-                                        **({"error": error, "traceback": tb} if error else {})}
-            if error:
-                state["failed"][run.id] = error
-            else:
-                state["failed"].pop(run.id, None)
-                state["finished"].append(run.id)
-            _save_state(state_path, state)
-            _write_results(results_path, state)
+            row = _row(run, summary, "failed" if error else "finished", data[run.data_key])
+            with _SweepLock(out):
+                state = sweep_state(out) or state  # the other workers' runs, as they wrote them
+                state["records"].pop(run.id, None)  # a retried run moves to the end of the table
+                state["records"][run.id] = {"status": row["status"], "row": row, "wall_seconds": round(wall, 3),
+                                            **({"error": error, "traceback": tb} if error else {})}
+                if error:
+                    state["failed"][run.id] = error
+                else:
+                    state["failed"].pop(run.id, None)
+                    if run.id not in state["finished"]:
+                        state["finished"].append(run.id)
+                _save_state(state_path, state)
+                _write_results(results_path, state)
+            report.state = state
             report.end(run, row, wall, error, todo[n + 1:])
         report.finish(results_path)
     finally:
@@ -460,13 +528,73 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, stop_after: Optional[i
     return results_path
 
 
+def _worker(worker: Optional[tuple]) -> tuple:
+    """``(index, count, local rank or None)`` of this process; refused when inconsistent."""
+    if worker is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:  # torchrun
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        return 0, 1, None
+    ok = (isinstance(worker, (tuple, list)) and len(worker) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in worker))
+    if not ok or not (worker[1] >= 1 and 0 <= worker[0] < worker[1]):
+        raise ValueError(f"worker must be (index, count) with 0 <= index < count, got {worker!r}")
+    return worker[0], worker[1], None
+
+
+class _SweepLock:
+    """An exclusive lock on ``output_dir/.sweep.lock`` (fcntl; waits), held while the sweep state,
+    the results table or the datasets are written, so that several workers can share a sweep."""
+
+    def __init__(self, output_dir: str):
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, ".sweep.lock")
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): one process per sweep
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class _one_process:
+    """Hide torchrun's world from the trainer while a worker trains one configuration alone."""
+
+    KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.KEYS}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def _row(run: Run, summary: dict, status: str) -> dict:
+def _row(run: Run, summary: dict, status: str, data: Optional[dict] = None) -> dict:
     used = summary.get("budget_used") or {}
+    data = data or {}
     row = {"run_id": run.id, "model": run.model.key, "image_size": run.image_size, "strategy": run.strategy.key,
-           "dataset_size": run.dataset_size, "caption_noise": run.caption_noise, "seed": run.seed,
+           "dataset_size": run.dataset_size, "caption_noise": run.caption_noise, "filter_top": run.filter_top,
+           "train_pairs": data.get("pairs", run.train_pairs), "train_clean": data.get("clean"), "seed": run.seed,
            "budget_gflops": run.budget_gflops, "gflops": used.get("gflops"), "samples_seen": used.get("samples"),
            "steps": summary.get("steps"), "seconds": used.get("seconds"), "status": status}
     for k, v in (summary.get("final_eval") or {}).items():
@@ -735,5 +863,10 @@ _FIELD_PARSERS = {
     "data.seed": _int,
     "data.caption_detail": _float,
     "data.root": lambda key, v: None if v is None else _str(key, v),
+    "data.filter_checkpoint": lambda key, v: None if v is None else _str(key, v),
+    "data.scorer_dataset_size": _int,
+    "data.scorer_budget_gflops": _float,
+    "grid.filter_top": _list_of(_float),
 }
+_FILTER_KEYS = ("filter_checkpoint", "scorer_dataset_size", "scorer_budget_gflops")
 _SWEEP_KEYS = ["name", "output_dir", "base"] + list(_FIELD_PARSERS)

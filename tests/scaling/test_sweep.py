@@ -282,3 +282,78 @@ def test_the_command_line(tmp_path, data_root, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli_main(["sweep", "--config", str(path), "grid.seed=1"])
     assert "did you mean 'grid.seeds'" in capsys.readouterr().err
+
+
+def test_workers_split_a_sweep_and_share_its_state(tmp_path, data_root):
+    """Two processes started at once (--worker 0/2 and 1/2) train each configuration once, into one
+    state and one table."""
+    import subprocess
+    import sys
+    cfg = _cfg(tmp_path / "sweep", data_root, seeds=[0, 1, 2], caption_noise=[0.0, 0.25])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(cfg.to_yaml())
+    env = dict(os.environ, PYTHONPATH=str(Path(fastclip.__file__).parent.parent))
+    procs = [subprocess.Popen([sys.executable, "-m", "fastclip.cli", "sweep", "--config", str(path), "--worker",
+                               f"{k}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = expand(cfg)
+    state = sweep_state(cfg.output_dir)
+    assert sorted(state["finished"]) == sorted(r.id for r in runs) and state["failed"] == {}
+    rows = _rows(tmp_path / "sweep" / "results.csv")
+    assert sorted(r["run_id"] for r in rows) == sorted(r.id for r in runs)  # each once
+    for k, out in enumerate(outs):  # worker k trained the configurations at positions k, k+2, ...
+        assert f"[worker {k}/2]" in out
+        assert {r.id for r in runs[k::2]} == {r.id for r in runs if f"{r.id} finished" in out}
+
+
+def test_under_torchrun_each_rank_trains_its_share_alone(tmp_path, data_root, monkeypatch):
+    seen = []
+
+    def fake(cfg, resume=None):
+        seen.append((cfg.seed, os.environ.get("WORLD_SIZE"), os.environ.get("RANK")))
+        return _summary()
+    monkeypatch.setattr(fastclip.train, "train", fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    run_sweep(_cfg(tmp_path / "sweep", data_root, seeds=[0, 1, 2, 3]), progress=False)
+    assert seen == [(1, "1", "0"), (3, "1", "0")]  # positions 1 and 3; the trainer sees one process
+    assert os.environ["WORLD_SIZE"] == "2" and os.environ["RANK"] == "1"  # restored
+    with pytest.raises(ValueError, match=r"worker must be \(index, count\)"):
+        run_sweep(_cfg(tmp_path / "sweep", data_root, seeds=[0, 1, 2, 3]), worker=(2, 2))
+    with pytest.raises(SystemExit):
+        cli_main(["sweep", "--worker", "3/2"])
+
+
+def test_filter_top_trains_on_the_top_of_the_set_by_a_given_scorer(tmp_path, data_root, monkeypatch):
+    """A real tiny run's checkpoint scores the pairs; the configuration with filter_top=50 trains on
+    the kept half, and the table says how many pairs and how clean."""
+    first = _cfg(tmp_path / "scorer", data_root)
+    run_sweep(first, progress=False)
+    (scorer,) = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "scorer" / "runs") for f in fs
+                 if f.endswith(".pt")]
+    train = FakeTrain()
+    monkeypatch.setattr(fastclip.train, "train", train)
+    cfg = _cfg(tmp_path / "sweep", data_root, [("data.filter_checkpoint", scorer)], dataset_sizes=[64],
+               caption_noise=[0.5], filter_top=[100, 50])
+    runs = expand(cfg)
+    assert [r.id.split("-")[0] for r in runs] == ["tiny_clip_n64_noise0.5_g2.5e+03_s0".replace(
+        "2.5e+03", f"{2.5 * STEP_GFLOPS:.3g}"), f"tiny_clip_n64_noise0.5_top50_g{2.5 * STEP_GFLOPS:.3g}_s0"]
+    run_sweep(cfg, progress=False)
+    (raw, _), (filtered, _) = train.calls
+    assert filtered.data.train == raw.data.train.rstrip("/") + "-top50-scorer" + filtered.data.train.split("scorer")[-1]
+    with open(os.path.join(filtered.data.train, "filter.json")) as f:
+        report = json.load(f)
+    assert (report["scored"], report["kept"], report["keep"]) == (64, 32, 0.5)
+    rows = _rows(tmp_path / "sweep" / "results.csv")
+    assert [(r["filter_top"], r["train_pairs"]) for r in rows] == [("100.0", "64"), ("50.0", "32")]
+    assert 0.3 < float(rows[0]["train_clean"]) < 0.7  # about half the captions corrupted
+    # unfiltered runs keep the ids they had before filter_top existed; the filter's settings are in the others'
+    assert runs[0].id == expand(_cfg(tmp_path / "x", data_root, dataset_sizes=[64], caption_noise=[0.5]))[0].id
+    bad = _cfg(tmp_path / "bad", data_root, dataset_sizes=[64], filter_top=[20])
+    with pytest.raises(ConfigError, match=r"the top 20% of 64 pairs \(13\) is smaller than one batch"):
+        run_sweep(bad, progress=False)
+    with pytest.raises(ConfigError, match=r"grid.filter_top values must be percentages in \(0, 100\]"):
+        _cfg(tmp_path, data_root, filter_top=[0]).validate()
