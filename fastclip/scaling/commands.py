@@ -187,6 +187,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=500, help="resamples for the intervals (default 500)")
     p.add_argument("--train-shards", default="<your shards>", help="shards to put in the printed command")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.add_argument("--check", default=None, metavar="OUT_DIR",
+                   help="with --table from a sweep: train the recommended configuration at the budget into "
+                        "OUT_DIR and compare its measured error with the predicted interval (check.json)")
 
 
 def _budget_gflops(args) -> tuple[float, str]:
@@ -217,6 +220,8 @@ def run_plan(args):
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if getattr(args, "check", None) and not args.results:
+        raise ValueError("--check needs --table (a sweep's results.csv): it trains the config of the best run")
     budget, how = _budget_gflops(args)
     if args.results:
         if not args.metric:
@@ -242,6 +247,17 @@ def run_plan(args):
         print(f"{rank}. {cand.explain()}")
     print(f"recommended: {plan.best.model} with {plan.best.strategy}")
     print(plan.command(args.train_shards))
+    if args.check:
+        from .plan import check_plan
+        shards = None if args.train_shards == "<your shards>" else args.train_shards
+        print(f"checking: training {plan.best.model} {plan.best.strategy} at {budget:.4g} GFLOPs into {args.check}",
+              flush=True)
+        rep = check_plan(plan, args.check, shards)
+        band = (f"[{rep['interval'][0]:.3f}, {rep['interval'][1]:.3f}]" if rep["interval"] else "(no interval)")
+        verdict = ("inside the interval" if rep["inside"] else
+                   "" if rep["inside"] is None else f"outside it by {rep['miss']:+.3f}")
+        print(f"check: measured error {rep['measured_error']:.3f} ({plan.metric} {1 - rep['measured_error']:.3f}) "
+              f"vs predicted {rep['predicted_error']:.3f} {band}: {verdict}; {os.path.join(args.check, 'check.json')}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -37,6 +37,7 @@ __all__ = [
     "Plan",
     "plan_from_published",
     "plan_from_results",
+    "check_plan",
     "STUDY_ARCHS",
     "STUDY_DATASETS",
     "PUBLISHED_METRICS",
@@ -309,3 +310,47 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
             f"{metric!r}: nothing to fit"
         )
     return _finish(plan)
+
+
+def check_plan(plan: Plan, output_dir: str, train_shards: Optional[str] = None) -> dict:
+    """Train the plan's best candidate at the plan's budget and compare the measured error with the
+    prediction: the check of a law outside the runs it was fitted on.
+
+    The candidate must come with a training config (laws from a sweep's table: its run's
+    ``config.yaml``); the run goes to ``output_dir`` (resuming there if it was interrupted), on
+    ``train_shards`` if given.  Returns (and writes to ``output_dir/check.json``) the budget, the
+    predicted error and interval, the measured error, whether it lies inside the interval, and by
+    how much it misses (in error units) when it does not."""
+    import json
+
+    from ..atomic import atomic_write_bytes
+    from ..train import CheckpointManager, TrainConfig, train
+
+    best = plan.best
+    if not best.config:
+        raise ValueError(f"the plan's best candidate ({best.model} {best.strategy}) has no training config to check "
+                         "with: plan from a sweep's results table (its runs/<id>/config.yaml)")
+    overrides = [f"budget.gflops={plan.budget_gflops!r}", f"output_dir={output_dir}"]
+    if train_shards:
+        overrides.append(f"data.train={train_shards}")
+    cfg = TrainConfig.from_file(best.config, overrides)
+    resume = "latest" if CheckpointManager(os.path.join(output_dir, "checkpoints")).latest() else None
+    summary = train(cfg, resume=resume)
+    value = (summary.get("final_eval") or {}).get(plan.metric)
+    if value is None:
+        raise ValueError(f"the check run's final evaluation has no {plan.metric!r}; it has "
+                         f"{sorted(summary.get('final_eval') or {})}")
+    measured = 1.0 - float(value)
+    inside = None if best.interval is None else bool(best.interval[0] <= measured <= best.interval[1])
+    miss = None
+    if inside is False:
+        miss = measured - (best.interval[1] if measured > best.interval[1] else best.interval[0])
+    report = {"model": best.model, "strategy": best.strategy, "budget_gflops": plan.budget_gflops,
+              "gflops_used": (summary.get("budget_used") or {}).get("gflops"), "metric": plan.metric,
+              "predicted_error": best.error, "interval": list(best.interval) if best.interval else None,
+              "extrapolated": best.extrapolated, "law": best.fit.formula(var="C"),
+              "measured_error": measured, "inside": inside, "miss": miss, "config": best.config,
+              "output_dir": output_dir, "steps": summary.get("steps")}
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(output_dir, "check.json"), json.dumps(report, indent=1).encode())
+    return report

@@ -357,3 +357,27 @@ def test_filter_top_trains_on_the_top_of_the_set_by_a_given_scorer(tmp_path, dat
         run_sweep(bad, progress=False)
     with pytest.raises(ConfigError, match=r"grid.filter_top values must be percentages in \(0, 100\]"):
         _cfg(tmp_path, data_root, filter_top=[0]).validate()
+
+
+def test_plan_check_trains_the_recommendation_outside_the_sweeps_range(tmp_path, data_root, capsys):
+    """sweep -> fastclip plan --table ... --check: the best run's config is trained at a budget beyond
+    the sweep's and its measured error is set against the predicted interval."""
+    cfg = _cfg(tmp_path / "sweep", data_root, seeds=[0, 1], budgets_gflops=[2.5 * STEP_GFLOPS, 4.5 * STEP_GFLOPS])
+    table = run_sweep(cfg, progress=False)
+    out = tmp_path / "check"
+    budget = 6.5 * STEP_GFLOPS
+    assert cli_main(["plan", "--table", table, "--metric", "zero_shot/top1", "--gflops", str(budget),
+                     "--bootstrap", "50", "--check", str(out)]) == 0
+    text = capsys.readouterr().out
+    with open(out / "check.json") as f:
+        rep = json.load(f)
+    assert rep["steps"] == 6 and rep["gflops_used"] == pytest.approx(6 * STEP_GFLOPS)
+    assert rep["extrapolated"] and rep["model"] == "tiny" and rep["config"].endswith("config.yaml")
+    with open(out / "summary.json") as f:
+        assert rep["measured_error"] == pytest.approx(1 - json.load(f)["final_eval"]["zero_shot/top1"])
+    lo, hi = rep["interval"]
+    assert rep["inside"] == (lo <= rep["measured_error"] <= hi)
+    assert f"check: measured error {rep['measured_error']:.3f}" in text
+    with pytest.raises(SystemExit):  # the built-in laws have no training config to check with
+        cli_main(["plan", "--gflops", "1e6", "--check", str(out)])
+    assert "--check needs --table" in capsys.readouterr().err
