@@ -4,10 +4,11 @@ one results table that ``fastclip fit`` and ``fastclip plan --table`` read.
     cfg = SweepConfig.from_file("sweep.yaml", overrides=["grid.seeds=[0,1]"])
     path = run_sweep(cfg)               # fastclip sweep --config sweep.yaml grid.seeds=[0,1]
 
-The grid is models x strategies x dataset sizes x caption noise x compute budgets x seeds
-(:func:`expand`); every configuration has a stable id, a readable slug and a hash of its settings
-(``ViT-Ti-16_clip_n2000_noise0.2_g1e+05_s0-3f9c0a1b2d``), by which results, resumption and
-skipping are keyed.  A configuration's training config is the demo's recipe
+The grid is models x strategies x dataset sizes x caption noise x quality filter x compute
+budgets x seeds (:func:`expand`); every configuration has a stable id, a readable slug and a hash
+of its settings (``ViT-Ti-16_clip_n2000_noise0.2_g1e+05_s0-3f9c0a1b2d``; ``_top40`` after the
+noise for a run on the top 40% of its set by CLIP score, :mod:`fastclip.scaling.filtered`), by
+which results, resumption and skipping are keyed.  A configuration's training config is the demo's recipe
 (:func:`fastclip.train.demo.demo_config`: batch 128, AdamW at 2e-3, cosine), then
 ``eval.every_steps=0`` (one evaluation, at the end), then ``base``, then the configuration's own
 model, strategy, compute budget, seed and data (:func:`train_config_for`).
@@ -25,6 +26,10 @@ finished yet are trained one after another.  The output folder::
     results.csv         one row per configuration run (finished or failed), in the order they ended
     data/               the built-in dataset's sets (unless data.root says otherwise)
     runs/<id>/          each run's output_dir: config.yaml, metrics.jsonl, summary.json, checkpoints/
+
+Several processes can share one sweep (``run_sweep(..., worker=(k, n))``, ``fastclip sweep
+--worker k/n``, or torchrun's ranks): each trains the configurations at grid positions k modulo n,
+and the state, the table and the datasets are written under a file lock in ``output_dir``.
 
 A configuration that raises is recorded as failed (with the error) and the sweep goes on; the
 next call retries it from scratch.  An interrupted configuration continues from its newest
