@@ -29,8 +29,6 @@ scenes), batch 128, two seeds.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import statistics
@@ -40,7 +38,7 @@ from typing import Optional, Sequence
 from ..atomic import atomic_write_bytes
 from ..lazy import plotting
 from ..train.demo import DEMO_MODEL
-from .results import load_results
+from .results import load_results, write_results
 
 __all__ = ["PRESETS", "preset_sweeps", "run_preset", "findings", "METRIC"]
 
@@ -175,17 +173,6 @@ def _cell(s: dict, key: str = "metric") -> str:
     return f"{m[0]:.3f} ({m[1]:.3f}-{m[2]:.3f})"
 
 
-def _merge(rows: list, path: str) -> None:
-    cols = list(rows[0])
-    for r in rows[1:]:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, cols, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def findings(name: str, tables: Sequence[str], output_dir: str) -> dict:
     """Write ``findings.md``, ``findings.png`` and ``results.csv`` (every sub-sweep's rows) under
     ``output_dir``; returns ``{"markdown", "verdict": [lines], "png" (or None), "results", "plan"
@@ -197,7 +184,7 @@ def findings(name: str, tables: Sequence[str], output_dir: str) -> dict:
         raise ValueError(f"preset {name!r}: no finished run in {list(tables)}")
     os.makedirs(output_dir, exist_ok=True)
     merged = os.path.join(output_dir, "results.csv")
-    _merge(rows, merged)
+    write_results(merged, rows)
     png = os.path.join(output_dir, "findings.png")
     table, verdict, png = {"strategies": _strategies, "quality-vs-quantity": _quality,
                            "model-vs-data": _model_vs_data}[name](rows, png)

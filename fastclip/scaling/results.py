@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "load_results",
+    "write_results",
     "Points",
     "select_points",
     "study_groups",
@@ -37,6 +38,23 @@ OPENAI_UPSTREAM = "CLIP-WIT"
 PUBLISHED_RESULTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zeroshot_results.csv.gz"
 )
+
+
+def write_results(path: Union[str, os.PathLike], rows: Sequence[dict], leading: Sequence[str] = ()) -> None:
+    """Write ``rows`` as a CSV table, atomically: the columns are ``leading``, then every other key
+    in the order the rows first use it; a missing or None value is an empty field."""
+    import io
+
+    from ..atomic import atomic_write_bytes
+
+    columns = list(leading)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    atomic_write_bytes(os.fspath(path), buf.getvalue().encode())
 
 
 def published_results() -> list[dict]:

@@ -37,10 +37,8 @@ checkpoint (``train(..., resume="latest")``); finished ones are skipped.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -610,17 +608,10 @@ def _row(run: Run, summary: dict, status: str, data: Optional[dict] = None) -> d
 
 
 def _write_results(path: str, state: dict) -> None:
+    from .results import write_results
     rows = [rec["row"] for rec in state["records"].values()]
-    if not rows:
-        return
-    columns = list(ROW_COLUMNS)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    if rows:
+        write_results(path, rows, ROW_COLUMNS)
 
 
 def _save_state(path: str, state: dict) -> None:
