@@ -246,9 +246,9 @@ def test_augment(benchmark, pytestconfig, preset, provider):
     write it as float32): ``x_floor`` = a backend's time over the floor's."""
     from fastclip.data.augment import AugmentConfig, augment_batch, draw_params
     if provider == "native":
-        from fastclip import _native
-        if _native.reason("augment_cpu"):
-            pytest.skip(f"native augment kernel unavailable: {_native.reason('augment_cpu')}")
+        from fastclip import extension
+        if extension.reason():
+            pytest.skip(f"native augment kernel unavailable: {extension.reason()}")
     px = QUICK_AUGMENT_PX if _quick(pytestconfig) else AUGMENT_PX
     n = AUGMENT_BATCH
     g = torch.Generator().manual_seed(0)

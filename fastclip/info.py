@@ -1,5 +1,6 @@
-"""``python -m fastclip.info``: versions, the device, and every backend of every op with the reason
-it cannot run here (if it cannot)."""
+"""``python -m fastclip.info``: versions, whether the compiled extension ``fastclip._C`` loaded (and
+why not), the device, and every backend of every op with the reason it cannot run here (if it
+cannot)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import sys
 
 import torch
 
-from . import __version__
+from . import __version__, extension
 from .lazy import optional_module
 from .ops import dispatch
 
@@ -35,10 +36,12 @@ def _devices() -> list[tuple[torch.device, str]]:
 
 def report_dict() -> dict:
     """The report as plain data, for logs (the trainer writes it into ``summary.json``):
-    ``{"fastclip", "python", "platform", "packages": {name: version or reason}, "environment",
+    ``{"fastclip", "python", "platform", "packages": {name: version or reason}, "extension": {"loaded",
+    "reason", "path", "version", "abi", "cpu_isa"} (fastclip.extension.status), "environment",
     "devices": {device: {"description", "ops": {op: {backend: {"usable": [dtypes], "reasons": [...]}}}}}}``."""
     out = {"fastclip": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
            "packages": {name: _version(name) for name in _PACKAGES},
+           "extension": extension.status(),
            "environment": {k: os.environ.get(k, "") for k in ("TRITON_INTERPRET", "FASTCLIP_BACKEND")},
            "cuda_available": torch.cuda.is_available(), "devices": {}}
     for device, desc in _devices():
@@ -60,6 +63,13 @@ def report() -> str:
     d = report_dict()
     lines = [f"fastclip {d['fastclip']}", f"python {d['python']} on {d['platform']}"]
     lines += [f"  {name:12s} {version}" for name, version in d["packages"].items()]
+    ext = d["extension"]
+    if ext["loaded"]:
+        lines.append(f"  {extension.NAME:12s} loaded (fastclip {ext['version']}, ABI {ext['abi']}, "
+                     f"kernels at {ext['cpu_isa']}) from {ext['path']}")
+    else:
+        lines.append(f"  {extension.NAME:12s} not loaded: {ext['reason']} "
+                     "(the ops' torch backends run instead)")
     env = d["environment"]
     lines.append(f"  TRITON_INTERPRET={env['TRITON_INTERPRET']!r}  FASTCLIP_BACKEND={env['FASTCLIP_BACKEND']!r}")
     if not d["cuda_available"]:

@@ -42,9 +42,10 @@ wrappers of the same names and other signatures.)
 
 Backends (``backend=`` > ``FASTCLIP_AUGMENT_BACKEND`` > automatic, in this order):
 
-    native     fastclip's C kernel ``csrc/augment_cpu.c`` (compiled on first use by
-               ``fastclip._native``, called through ctypes, which releases the GIL): CPU, one
-               pass per image; writes float32, float16 or bfloat16
+    native     fastclip's C++ kernel ``csrc/augment_cpu.cpp`` in the extension ``fastclip._C``
+               (built by setup.py when the package is built; loaded by ``fastclip.extension``),
+               one call per batch with the GIL released: CPU, one pass per image; writes
+               float32, float16 or bfloat16.  Without ``_C``, automatic selection picks torch.
     torch      batched tensor operations; CPU or CUDA, any float dtype (float64 too)
     reference  :func:`augment_batch_reference`, op by op in float64 (the test oracle); only on
                request, never picked automatically
@@ -62,7 +63,6 @@ backends (torch, native, reference) and their registration -> functional API
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 import threading
@@ -72,7 +72,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _native
+from .. import extension
 from . import dispatch
 
 __all__ = [
@@ -89,12 +89,10 @@ __all__ = [
     "check_params",
     "OP",
     "ENV",
-    "NATIVE_KERNEL",
 ]
 
 OP = "augment"
 ENV = "FASTCLIP_AUGMENT_BACKEND"  # the backend override of this op (FASTCLIP_BACKEND is the others')
-NATIVE_KERNEL = "augment_cpu"     # csrc/augment_cpu.c, as fastclip._native names it
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -498,71 +496,52 @@ def _augment_torch(images: torch.Tensor, params: dict, mean, std, out: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# native backend: csrc/augment_cpu.c through fastclip._native (ctypes)
+# native backend: csrc/augment_cpu.cpp through fastclip._C (csrc/bindings.cpp checks the arguments)
 # ----------------------------------------------------------------------------------------------
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# fc_augment_image(src, sc, sh, sw, h, w, flip, k, r, a, off, kl, luma, lo, hi, out, scratch)
-_KERNEL_ARGTYPES = [_PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_int32, _PTR, _I64,
-                    _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
-
-
-def _native_kernel() -> tuple:
-    """(``fc_augment_image`` with its ctypes signature, None), or (None, why not): what
-    ``fastclip._native`` reports for the library, so the backend's check and its run agree."""
-    lib, why = _native.load(NATIVE_KERNEL)
-    if lib is None:
-        return None, why
-    fn = lib.fc_augment_image  # the same object on every lookup (ctypes caches it on the library)
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _KERNEL_ARGTYPES, None
-    return fn, None
-
-
 def _native_check(**_) -> list:
-    why = _native.load(NATIVE_KERNEL)[1]
-    return [f"the C kernel is not available: {why}"] if why else []
+    why = extension.reason()
+    return [f"the C++ extension is not available: {why}"] if why else []
 
 
 def _augment_native(images: torch.Tensor, params: dict, mean, std, out: torch.Tensor) -> None:
-    """One C call per image; the caller's threads run in parallel (ctypes releases the GIL)."""
-    fn, why = _native_kernel()
-    if fn is None:  # it loaded when the backend was chosen; _native.reset() in between can unload it
-        raise dispatch.BackendError(f"{OP}: backend 'native' cannot run: the C kernel is not available: "
-                                    f"{why}")
+    """One call of ``_C.augment`` per batch (the GIL released for all of it), on numpy views of
+    the tensors (no copies).  float16/bfloat16 output goes through a float32 scratch chunk of
+    at most 4 MB, so it is still in cache when it is cast."""
+    ext, why = extension.load()
+    if ext is None:  # it loaded when the backend was chosen; extension.reset() in between can refuse it
+        raise dispatch.BackendError(f"{OP}: backend 'native' cannot run: the C++ extension is not "
+                                    f"available: {why}")
     n, h, w, _ = images.shape
     maps = _pixel_map(params, mean, std, n)
-    sb, sh, sw, sc = images.stride()
-    base = images.data_ptr()
     sigma, flip = params["sigma"], params["flip"]
-    radius, taps, radii = 0, None, [0] * n
+    taps = radii = None
     if sigma is not None:
-        radius, taps = blur_taps(sigma, h, w)
+        taps = blur_taps(sigma, h, w)[1]
         if taps is not None:
-            radii = _radii(sigma, h, w)
-            taps = taps.to(torch.float32).contiguous()
-    flips = flip.tolist() if flip is not None else [False] * n
-    a = maps["a"].contiguous()
-    kl = maps["k"].contiguous() if maps["k"] is not None else None
-    luma = torch.tensor(_LUMA, dtype=torch.float32)
-    lo, hi = maps["lo"].contiguous(), maps["hi"].contiguous()
-    off = maps["off"].contiguous()
-    clamp = kl is not None
-    scratch = _scratch(images.device, (4 * h * w + w + 2 * radius,), 4)
-    direct = out.dtype == torch.float32
-    tmp = None if direct else _scratch(images.device, (3, h, w), 5)
-    f32, row = 4, 2 * radius + 1
-    taps_p = taps.data_ptr() + radius * f32 if taps is not None else 0  # image i's centre tap: + i * row
-    a_p, kl_p = a.data_ptr(), kl.data_ptr() if clamp else 0
-    consts = (off.data_ptr(), luma.data_ptr(), lo.data_ptr() if clamp else None, hi.data_ptr())
-    scratch_p, dst_p = scratch.data_ptr(), None if direct else tmp.data_ptr()
-    out_p, out_step = out.data_ptr(), 3 * h * w * f32
-    for i in range(n):
-        r = radii[i]
-        fn(base + i * sb, sc, sh, sw, h, w, int(flips[i]), taps_p + i * row * f32 if r else None, r,
-           a_p + i * 9 * f32, consts[0], kl_p + i * 3 * f32 if clamp else None, *consts[1:],
-           out_p + i * out_step if direct else dst_p, scratch_p)
-        if not direct:
-            out[i].copy_(tmp)
+            taps = taps.to(torch.float32).contiguous().numpy()
+            radii = torch.tensor(_radii(sigma, h, w), dtype=torch.int64).numpy()
+    flips = flip.cpu().contiguous().numpy() if flip is not None else None
+    a = maps["a"].contiguous().numpy()
+    kl = maps["k"].contiguous().numpy() if maps["k"] is not None else None
+    clamp = {"lo": maps["lo"].numpy(), "hi": maps["hi"].numpy()} if kl is not None else {}
+    fixed = (maps["off"].numpy(), torch.tensor(_LUMA, dtype=torch.float32).numpy())
+    src = images.detach().numpy()
+
+    def run(lo: int, hi: int, dst) -> None:
+        def part(v):
+            return None if v is None else v[lo:hi]
+        ext.augment(src[lo:hi], dst, a[lo:hi], *fixed, flip=part(flips), taps=part(taps), radii=part(radii),
+                    kl=part(kl), **clamp)
+
+    if out.dtype == torch.float32:
+        run(0, n, out.detach().numpy())
+        return
+    step = max(1, _CHUNK_VALUES // (3 * h * w))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        tmp = _scratch(images.device, (j - i, 3, h, w), 5)
+        run(i, j, tmp.numpy())
+        out[i:j].copy_(tmp)
 
 
 def _augment_reference(images: torch.Tensor, params: dict, mean, std, out: torch.Tensor) -> None:
@@ -572,7 +551,7 @@ def _augment_reference(images: torch.Tensor, params: dict, mean, std, out: torch
 # Backends in priority order: fn(images, params, mean, std, out) writes the augmented batch to out.
 dispatch.register(OP, dispatch.Backend(
     "native", fn=_augment_native, devices=("cpu",), check=_native_check,
-    doc="fastclip's C kernel, one pass per image (compiled on first use)"))
+    doc="fastclip's C++ kernel in fastclip._C, one pass per image"))
 dispatch.register(OP, dispatch.Backend(
     "torch", fn=_augment_torch, dtypes=_OUT_DTYPES, doc="batched torch tensor operations"))
 dispatch.register(OP, dispatch.Backend(

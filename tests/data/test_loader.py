@@ -168,11 +168,11 @@ def test_deterministic_under_a_seed(tmp_path, backend, tokenizer):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_augment_backends_give_the_same_batches(tmp_path, backend, tokenizer, monkeypatch):
-    """The loader's colour work through the C kernel and through torch's operations: same draws,
+    """The loader's colour work through the C++ kernel and through torch's operations: same draws,
     same images to float32 rounding."""
-    from fastclip import _native
-    if _native.reason("augment_cpu"):
-        pytest.skip(f"native augment kernel unavailable: {_native.reason('augment_cpu')}")
+    from fastclip import extension
+    if extension.reason():
+        pytest.skip(f"native augment kernel unavailable: {extension.reason()}")
     paths = write_good_shards(tmp_path, 2, 5)
 
     def run(augment_backend):

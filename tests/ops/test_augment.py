@@ -8,7 +8,6 @@ from fastclip.ops.augment import (
     CLIP_MEAN,
     CLIP_STD,
     ENV,
-    NATIVE_KERNEL,
     OP,
     AugmentOpConfig,
     augment_batch,
@@ -39,8 +38,8 @@ def _images(b, h, w, seed=0):
 
 
 def _native_or_skip(backend):
-    from fastclip import _native
-    why = _native.reason(NATIVE_KERNEL)
+    from fastclip import extension
+    why = extension.reason()
     if backend == "native" and why:
         pytest.skip(f"native augment kernel unavailable: {why}")
 

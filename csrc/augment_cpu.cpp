@@ -1,21 +1,22 @@
-/* The CPU kernel of the op "augment" (its "native" backend; fastclip/ops/augment.py).
+// The CPU kernel of the op "augment" (its "native" backend; fastclip/ops/augment.py).
+//
+// One image at a time, in one call: uint8 -> float, horizontal flip, separable Gaussian blur,
+// the mean luma, the colour map (jitter + grayscale + normalisation composed into one 3x3 matrix
+// and offset, derived in fastclip/ops/augment.py), the clamp, the float32 write.  The torch backend
+// does the same as a dozen whole-image tensor operations, each a pass over memory; here the
+// image stays in this thread's cache between the steps, and the blur is one pass per axis
+// instead of one per tap.
+//
+// C-style C++ with no Python or torch headers, built into fastclip._C by setup.py;
+// csrc/bindings.cpp checks every argument and calls it with the GIL released.  Nothing here
+// validates.
+#include "augment_cpu.h"
 
-   One image at a time, in one call: uint8 -> float, horizontal flip, separable Gaussian blur,
-   the mean luma, the colour map (jitter + grayscale + normalisation composed into one 3x3 matrix
-   and offset, derived in fastclip/ops/augment.py), the clamp, the float32 write.  The torch backend
-   does the same as a dozen whole-image tensor operations, each a pass over memory; here the
-   image stays in this thread's cache between the steps, and the blur is one pass per axis
-   instead of one per tap.
+#include <cstring>
 
-   Plain C99 with no Python or torch headers: fastclip/_native.py compiles it with the system C
-   compiler on first use and calls it through ctypes (which releases the GIL).  The caller
-   checks every argument; nothing here validates. */
-#include <stdint.h>
-#include <string.h>
-
-/* Vector widths chosen at load time on x86-64 (GCC >= 6, clang >= 14); elsewhere, or when the
-   toolchain refuses (fastclip/_native.py then retries with FASTCLIP_NO_CLONES), the baseline. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTCLIP_NO_CLONES)
+/* Vector widths chosen at load time on x86-64 (FASTCLIP_CLONES, augment_cpu.h); elsewhere, or
+   when the toolchain refuses (setup.py then rebuilds with FASTCLIP_NO_CLONES), the baseline. */
+#if FASTCLIP_CLONES
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
@@ -71,7 +72,7 @@ INLINE void blur_planes(float *x, int64_t planes, int64_t h, int64_t w, const fl
    flip: mirror along W.   k, r: blur taps k[0..r] (r = 0: no blur; k may then be NULL).
    a [3][3], off [3]: out_c = sum_j a[c][j] x_j + off[c] (+ kl[c] * m when kl is not NULL, m the
    mean over the image of luma . x after the blur), then clamped to [lo_c, hi_c] when lo is
-   not NULL.   out: float32 [3][h][w], contiguous.   scratch: 4*h*w + w + 2r floats. */
+   not NULL.   out: float32 [3][h][w], contiguous.   scratch: fc_augment_scratch(h, w, r) floats. */
 CLONES
 void fc_augment_image(const uint8_t *src, int64_t sc, int64_t sh, int64_t sw, int64_t h, int64_t w,
                       int32_t flip, const float *k, int64_t r, const float *a, const float *off,
