@@ -300,7 +300,12 @@ def _quality(rows: list, png: str) -> tuple[list, list, Optional[str]]:
         for size in sizes[1:]:
             for noise in noises:
                 k = key(size, noise)
-                if k is not None:
+                if k is None:
+                    continue
+                if noise == 0:  # no quality difference: does more data pay at this budget at all?
+                    verdict.append(f"{size} clean pairs vs {n} clean pairs (more data, same quality): "
+                                   f"{_compare(summ[k], summ[base])}")
+                else:
                     verdict.append(f"{size} pairs at caption noise {noise:g} vs {n} clean pairs — the study: the "
                                    f"smaller clean set wins: {_compare(summ[k], summ[base])}")
         for k, s in summ.items():
