@@ -186,9 +186,11 @@ def findings(name: str, tables: Sequence[str], output_dir: str) -> dict:
     merged = os.path.join(output_dir, "results.csv")
     write_results(merged, rows)
     png = os.path.join(output_dir, "findings.png")
-    table, verdict, png = {"strategies": _strategies, "quality-vs-quantity": _quality,
-                           "model-vs-data": _model_vs_data}[name](rows, png)
     laws, plan = _laws(rows, [os.path.join(os.path.dirname(t), "runs") for t in tables])
+    if name == "model-vs-data":
+        table, verdict, png = _model_vs_data(rows, png, plan)
+    else:
+        table, verdict, png = (_strategies if name == "strategies" else _quality)(rows, png)
     md = [f"# Preset {name}: findings", "", *table, "", "Verdict (differences are means over seeds; the spread "
           "is the wider of the two ranges over seeds):", "", *[f"- {v}" for v in verdict], ""]
     if laws:
@@ -198,12 +200,13 @@ def findings(name: str, tables: Sequence[str], output_dir: str) -> dict:
     if png:
         md += [f"![{name}]({os.path.basename(png)})", ""]
     atomic_write_bytes(os.path.join(output_dir, "findings.md"), "\n".join(md).encode())
-    return {"markdown": "\n".join(md), "verdict": verdict, "png": png, "results": merged, "plan": plan}
+    return {"markdown": "\n".join(md), "verdict": verdict, "png": png, "results": merged,
+            "plan": plan.as_dict() if plan is not None else None}
 
 
-def _laws(rows: list, runs_dirs: list) -> tuple[list, Optional[dict]]:
-    """The plan's lines at 4x the largest budget (laws per model and strategy), if the runs span
-    two budgets or more; else ``([], None)``."""
+def _laws(rows: list, runs_dirs: list) -> tuple:
+    """``(lines, plan)``: the plan at 4x the largest budget (laws per model and strategy) and its
+    lines, if the runs span two budgets or more; else ``([], None)``."""
     from .plan import plan_from_results
     budgets = sorted({_budget(r) for r in rows if _budget(r) > 0})
     if len(budgets) < 2:
@@ -219,7 +222,7 @@ def _laws(rows: list, runs_dirs: list) -> tuple[list, Optional[dict]]:
     lines += [f"note: {n}" for n in plan.notes]
     lines.append(f"plan at {at:.3g} GFLOPs ({_PLAN_FACTOR:g}x the largest budget, outside the sweep's range): "
                  f"{plan.best.model} with {plan.best.strategy}: `{plan.command()}`")
-    return lines, plan.as_dict()
+    return lines, plan
 
 
 # -- strategies ----------------------------------------------------------------------------------
@@ -350,7 +353,7 @@ def _quality_plot(summ: dict, path: str, sizes: list, noises: list) -> Optional[
 
 
 # -- model vs data --------------------------------------------------------------------------------
-def _model_vs_data(rows: list, png: str) -> tuple[list, list, Optional[str]]:
+def _model_vs_data(rows: list, png: str, plan=None) -> tuple[list, list, Optional[str]]:
     budget = max(_budget(r) for r in rows)
     summ = _summary([r for r in rows if _budget(r) == budget], ("model", "dataset_size"))
     models = sorted({k[0] for k in summ}, key=lambda m: _model_order(m, rows))
@@ -378,7 +381,7 @@ def _model_vs_data(rows: list, png: str) -> tuple[list, list, Optional[str]]:
                        f"largest set is {' -> '.join(best[s] for s in sorted(best))}: "
                        + ("it grows (check the spreads above before calling it a result)" if grows
                           else "it does not grow"))
-    return table, verdict, _model_plot(summ, png, models, sizes, rows)
+    return table, verdict, _model_plot(summ, png, models, sizes, rows, plan)
 
 
 def _model_order(model: str, rows: list) -> float:
@@ -388,7 +391,7 @@ def _model_order(model: str, rows: list) -> float:
     return statistics.mean(per) if per else 0.0
 
 
-def _model_plot(summ: dict, path: str, models: list, sizes: list, rows: list) -> Optional[str]:
+def _model_plot(summ: dict, path: str, models: list, sizes: list, rows: list, plan=None) -> Optional[str]:
     plt, _ = plotting()
     if plt is None:
         return None
@@ -408,9 +411,20 @@ def _model_plot(summ: dict, path: str, models: list, sizes: list, rows: list) ->
     for m in models:
         pts = sorted((float(r["gflops"]), 1 - float(r[METRIC])) for r in rows
                      if r["model"] == m and int(r["dataset_size"]) == largest and r.get(METRIC))
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none", label=m)
+        dots = ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none", label=m)
+        law = next((c for c in (plan.candidates if plan is not None else []) if c.model == m), None)
+        if law is not None:  # the fitted law, out to the plan's budget
+            import numpy as np
+            x = np.geomspace(min(p[0] for p in pts), plan.budget_gflops, 50)
+            ax2.plot(x, law.fit.predict(x), color=dots[0].get_color(), linewidth=1,
+                     label=f"{law.fit.formula(var='C')}")
+            if law.interval:
+                ax2.errorbar([plan.budget_gflops], [law.error], yerr=[[law.error - law.interval[0]],
+                                                                      [law.interval[1] - law.error]],
+                             color=dots[0].get_color(), capsize=3, marker="x")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
+    ax2.xaxis.set_minor_formatter(plt.NullFormatter())  # the decades only: minor labels overlap
     ax2.set_xlabel("training GFLOPs")
     ax2.set_ylabel(f"error (1 - {METRIC})")
     ax2.set_title(f"Error vs compute at {largest} pairs")
