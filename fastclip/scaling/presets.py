@@ -254,24 +254,47 @@ def _strategies(rows: list, png: str) -> tuple[list, list, Optional[str]]:
             for (other,), s in sb.items():
                 if other != "clip":
                     verdict.append(f"{other} vs CLIP at {b:.3g} GFLOPs: {_compare(s, sb[('clip',)])}")
-    return table, verdict, _bars(summ, png, full, "Strategies at equal compute")
+    return table, verdict, _bars(summ, png, full, f"Strategies at {budget:.3g} GFLOPs" if budget else
+                                 "Strategies at equal compute", rows)
 
 
-def _bars(summ: dict, path: str, full: int, title: str) -> Optional[str]:
+def _bars(summ: dict, path: str, full: int, title: str, rows: Optional[list] = None) -> Optional[str]:
+    """Bars of the metric per strategy at the largest budget; beside them, when some strategies
+    ran at several budgets (on the full set), the metric against the budget for those."""
     plt, _ = plotting()
     if plt is None:
         return None
+    ladder: dict = {}
+    for r in rows or []:
+        if int(r["dataset_size"]) == full and r.get(METRIC):
+            ladder.setdefault(r["strategy"], {}).setdefault(_budget(r), []).append(float(r[METRIC]))
+    ladder = {k: v for k, v in ladder.items() if len(v) > 1}
+    fig, axes = plt.subplots(1, 2 if ladder else 1, figsize=(12 if ladder else 8, 4), dpi=110,
+                             gridspec_kw={"width_ratios": [2, 1]} if ladder else None)
+    ax = axes[0] if ladder else axes
     items = sorted(summ.items(), key=lambda kv: (-int(kv[0][1]), kv[0][0]))
     labels = [f"{k[0]}" + ("" if int(k[1]) == full else f"\n(n={k[1]})") for k, _ in items]
     means = [v["metric"][0] for _, v in items]
     errs = [[v["metric"][0] - v["metric"][1] for _, v in items], [v["metric"][2] - v["metric"][0] for _, v in items]]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
     ax.bar(range(len(items)), means, yerr=errs, capsize=3, color="#4C72B0")
     ax.set_xticks(range(len(items)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel(f"{METRIC} (mean, range over seeds)")
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
+    if ladder:
+        ax2 = axes[1]
+        for strategy, by_budget in sorted(ladder.items()):
+            b = sorted(by_budget)
+            m = [statistics.mean(by_budget[x]) for x in b]
+            ax2.errorbar(b, m, yerr=[[mi - min(by_budget[x]) for mi, x in zip(m, b)],
+                                     [max(by_budget[x]) - mi for mi, x in zip(m, b)]],
+                         marker="o", capsize=3, label=strategy)
+        ax2.set_xscale("log")
+        ax2.set_xlabel("training GFLOPs per run")
+        ax2.set_title("Against the budget")
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
