@@ -330,7 +330,7 @@ def check_plan(plan: Plan, output_dir: str, train_shards: Optional[str] = None) 
     if not best.config:
         raise ValueError(f"the plan's best candidate ({best.model} {best.strategy}) has no training config to check "
                          "with: plan from a sweep's results table (its runs/<id>/config.yaml)")
-    overrides = [f"budget.gflops={plan.budget_gflops!r}", f"output_dir={output_dir}"]
+    overrides = [f"budget.gflops={plan.budget_gflops!r}", f"output_dir={output_dir}", "log.progress=true"]
     if train_shards:
         overrides.append(f"data.train={train_shards}")
     cfg = TrainConfig.from_file(best.config, overrides)
