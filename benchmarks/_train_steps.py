@@ -52,10 +52,14 @@ def autocast_factory(dev: torch.device):
 class FastclipRun:
     """One strategy's model, modules, step runner and optimiser, and its optimiser step."""
 
-    def __init__(self, model_name: str, image_size: int, strategy_label: str, dev: torch.device, seed: int = 0):
+    def __init__(self, model_name: str, image_size: int, strategy_label: str, dev: torch.device, seed: int = 0,
+                 overrides: dict | None = None):
+        # ``overrides``: config fields over the named model's (the demo's DEMO_MODEL["overrides"]); the
+        # strategy's own overrides apply last, as in the trainer.
         self.label, self.dev = strategy_label, dev
         self.strategy = build_strategy(StrategyConfig(**STRATEGIES[strategy_label]))
-        self.config = CLIPConfig.from_name(model_name, image_size=image_size, **self.strategy.model_overrides())
+        self.config = CLIPConfig.from_name(model_name, image_size=image_size,
+                                           **{**(overrides or {}), **self.strategy.model_overrides()})
         torch.manual_seed(seed)
         self.model = create_model(dataclasses.replace(self.config), device=dev).train()
         self.modules = nn.ModuleDict(self.strategy.build_modules(self.model)).to(dev)
