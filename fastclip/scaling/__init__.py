@@ -5,16 +5,19 @@ tables and plans read results tables, never a model; the sweep runner (which tra
 only when one of its names is first used, so ``fastclip fit`` and ``plan`` do not load the trainer.
 """
 
-from .fit import FORMS, METHODS, PowerLawFit, fit_power_law, frontier_points
+from .fit import FORMS, METHODS, PowerLawFit, TooFewPointsError, fit_power_law, frontier_points
+from .plan import Plan, check_plan, plan_from_published, plan_from_results
 from .plot import plot_fits
 from .results import (
     OPENAI_UPSTREAM,
     PUBLISHED_RESULTS,
+    NoValuesError,
     Points,
     load_results,
     published_results,
     select_points,
     study_groups,
+    write_results,
 )
 
 __all__ = [
@@ -23,7 +26,14 @@ __all__ = [
     "frontier_points",
     "METHODS",
     "FORMS",
+    "TooFewPointsError",
+    "NoValuesError",
     "load_results",
+    "write_results",
+    "Plan",
+    "plan_from_published",
+    "plan_from_results",
+    "check_plan",
     "select_points",
     "study_groups",
     "Points",

@@ -55,7 +55,7 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _groups(rows, args):
-    from .results import select_points, study_groups
+    from .results import NoValuesError, select_points, study_groups
 
     where = {"downstream_dataset": args.dataset} if args.dataset else {}
     if args.group_by == "auto":
@@ -81,9 +81,8 @@ def _groups(rows, args):
                     name=f"{args.group_by}={value}",
                 )
             )
-        except ValueError as exc:
-            if "no row has a value" not in str(exc):
-                raise
+        except NoValuesError:  # this group has no value for the metric: no law for it
+            continue
     if not out:
         raise ValueError(f"no row has a value for metric {args.metric!r}")
     return out

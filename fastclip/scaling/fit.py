@@ -30,10 +30,14 @@ import numpy as np
 
 from ..lazy import require_module
 
-__all__ = ["PowerLawFit", "fit_power_law", "frontier_points", "METHODS", "FORMS"]
+__all__ = ["PowerLawFit", "fit_power_law", "frontier_points", "TooFewPointsError", "METHODS", "FORMS"]
 
 METHODS = ("frontier", "lstsq")
 FORMS = ("power", "saturating")
+
+
+class TooFewPointsError(ValueError):
+    """The points are too few (too few distinct compute values) for the fit or its bootstrap."""
 
 
 @dataclass
@@ -240,7 +244,7 @@ def fit_power_law(
             except (ValueError, RuntimeError):  # a resample with too few distinct points: skipped
                 continue
         if len(rows) < max(10, bootstrap // 2):
-            raise ValueError(
+            raise TooFewPointsError(
                 f"only {len(rows)} of {bootstrap} bootstrap resamples could be fitted: too few "
                 f"distinct points ({len(np.unique(c))}) for intervals"
             )

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .fit import PowerLawFit, fit_power_law
-from .results import published_results
+from .fit import PowerLawFit, TooFewPointsError, fit_power_law
+from .results import NoValuesError, published_results
 
 __all__ = [
     "Candidate",
@@ -166,8 +166,8 @@ def _law(x, error, bootstrap: int, seed: int) -> tuple[PowerLawFit, str]:
     """A least-squares law with a bootstrap when its runs allow one; else without, and why."""
     try:
         return fit_power_law(x, error, "lstsq", bootstrap=bootstrap, seed=seed), ""
-    except ValueError as exc:
-        if not bootstrap or "bootstrap resamples" not in str(exc):
+    except TooFewPointsError:
+        if not bootstrap:
             raise
         return fit_power_law(x, error, "lstsq"), f"no interval: {len(np.unique(x))} distinct runs are too few"
 
@@ -289,10 +289,8 @@ def plan_from_results(rows: Sequence[dict], budget_gflops: float, metric: str, *
                 cond["strategy"] = strategy
             try:
                 pts = select_points(rows, metric, compute=compute, where=cond)
-            except ValueError as exc:
-                if "no row has a value" in str(exc):
-                    continue
-                raise
+            except NoValuesError:
+                continue
             if len(np.unique(pts.compute)) < 2:
                 plan.notes.append(f"{model} {strategy}: one compute value only, no law")
                 continue

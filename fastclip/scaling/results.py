@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "load_results",
     "write_results",
+    "NoValuesError",
     "Points",
     "select_points",
     "study_groups",
@@ -38,6 +39,10 @@ OPENAI_UPSTREAM = "CLIP-WIT"
 PUBLISHED_RESULTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zeroshot_results.csv.gz"
 )
+
+
+class NoValuesError(ValueError):
+    """No row of a results table (matching the selection) has a value for the metric."""
 
 
 def write_results(path: Union[str, os.PathLike], rows: Sequence[dict], leading: Sequence[str] = ()) -> None:
@@ -150,7 +155,7 @@ def select_points(
         es.append(1.0 - m)
         labels.append(" ".join(str(row.get(k, "")) for k in label if row.get(k)))
     if not cs:
-        raise ValueError(f"no row has a value for metric {metric!r}" + (f" where {where}" if where else ""))
+        raise NoValuesError(f"no row has a value for metric {metric!r}" + (f" where {where}" if where else ""))
     return Points(name or metric, np.array(cs), np.array(es), labels, method)
 
 

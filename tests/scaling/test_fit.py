@@ -126,3 +126,12 @@ def test_the_study_fits_on_its_published_results(metric, dataset, group, a, b, p
     assert fit.a == pytest.approx(a, rel=1e-5) and fit.b == pytest.approx(b, abs=1e-6)
     assert round(fit.b, 2) == paper_b
     assert set(fit.compute.tolist()) <= set(pts.compute.tolist())  # the frontier's points are real runs
+
+
+def test_too_few_points_for_a_bootstrap_is_its_own_error():
+    """Callers (the planner) tell 'no interval possible' from other failures by type, not by text."""
+    from fastclip.scaling import TooFewPointsError
+    with pytest.raises(TooFewPointsError, match="too few distinct points"):
+        # two points: about half the resamples draw one point twice (45 of 100 fit with seed 0)
+        fit_power_law([10.0, 100.0], [0.5, 0.4], "lstsq", bootstrap=100, seed=0)
+    assert issubclass(TooFewPointsError, ValueError)

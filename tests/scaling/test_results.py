@@ -96,3 +96,10 @@ def test_the_shipped_table_is_the_published_one():
     if os.path.isfile(shared):  # the project's own copy, where the checkout has it
         with open(shared, "rb") as g:
             assert content == g.read()
+
+
+def test_no_value_for_the_metric_is_its_own_error(tmp_path):
+    from fastclip.scaling import NoValuesError
+    rows = load_results(write(tmp_path, "arch,gflops,acc1\nA,10,\n"))
+    with pytest.raises(NoValuesError, match="no row has a value for metric 'acc1' where"):
+        select_points(rows, "acc1", compute="gflops", where={"arch": "A"})
