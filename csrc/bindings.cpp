@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "augment_cpu.h"
+#include "loss_tiles_cpu.h"
 
 namespace py = pybind11;
 
@@ -32,7 +33,7 @@ namespace py = pybind11;
 namespace {
 
 // Bumped whenever a binding's signature or meaning changes; fastclip/extension.py's ABI agrees.
-constexpr int kAbi = 1;
+constexpr int kAbi = 2;
 
 std::string describe(py::handle obj) {
     std::string s = Py_TYPE(obj.ptr())->tp_name;
@@ -215,6 +216,75 @@ void augment(py::object images_, py::object out_, py::object a_, py::object offs
     }
 }
 
+// A float32 C-contiguous tile [m, k], as both tile kernels take it.
+Array tile_arg(const char *name, py::handle obj, bool writable = false) {
+    Array z(name, obj, {"float32"}, writable);
+    if (z.info.ndim != 2)
+        throw py::value_error(std::string(name) + " must be a 2-D tile [m, k], got shape " + shape_str(z.info.shape));
+    z.contiguous();
+    return z;
+}
+
+int thread_count(int threads) {
+    if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+    return threads;
+}
+
+// tile_lse_rows_cols(z, row_out, col_out, threads=1)
+void tile_lse_rows_cols(py::object z_, py::object row_, py::object col_, int threads) {
+    thread_count(threads);
+    Array z = tile_arg("z", z_);
+    const py::ssize_t m = z.info.shape[0], k = z.info.shape[1];
+    if (k < 1) throw py::value_error("z must have at least one column, got shape " + shape_str(z.info.shape));
+    Array row("row_out", row_, {"float64"}, true), col("col_out", col_, {"float64"}, true);
+    row.shape({m}, "[m]");
+    row.contiguous();
+    col.shape({k}, "[k]");
+    col.contiguous();
+    const float *zp = z.ptr<float>();
+    double *rp = row.ptr<double>(), *cp = col.ptr<double>();
+    py::gil_scoped_release nogil;
+    fc_tile_lse_rows_cols(zp, m, k, rp, cp, threads);
+}
+
+// A statistic vector [n] (float32, or float64 split into float32 hi + lo as tiles.sub_stat does).
+void split_stat(const char *name, py::handle obj, py::ssize_t n, const char *layout, std::vector<float> &hi,
+                std::vector<float> &lo) {
+    Array st(name, obj, {"float32", "float64"});
+    st.shape({n}, layout);
+    hi.resize(n);
+    lo.assign(n, 0.0f);
+    const py::ssize_t step = st.info.strides[0];
+    const char *base = static_cast<const char *>(st.info.ptr);
+    if (st.info.itemsize == 4) {
+        for (py::ssize_t i = 0; i < n; i++) hi[i] = *reinterpret_cast<const float *>(base + i * step);
+    } else {
+        for (py::ssize_t i = 0; i < n; i++) {
+            const double v = *reinterpret_cast<const double *>(base + i * step);
+            hi[i] = (float)v;
+            lo[i] = (float)(v - (double)hi[i]);
+        }
+    }
+}
+
+// tile_softmax_pair(z, row_stat, col_stat, out, threads=1)
+void tile_softmax_pair(py::object z_, py::object row_, py::object col_, py::object out_, int threads) {
+    thread_count(threads);
+    Array z = tile_arg("z", z_);
+    const py::ssize_t m = z.info.shape[0], k = z.info.shape[1];
+    std::vector<float> rh, rl, ch, cl;
+    split_stat("row_stat", row_, m, "[m]", rh, rl);
+    split_stat("col_stat", col_, k, "[k]", ch, cl);
+    Array out = tile_arg("out", out_, true);
+    out.shape({m, k}, "[m, k]");
+    const float *zp = z.ptr<float>();
+    float *op = out.ptr<float>();
+    if (op != zp && op < zp + m * k && zp < op + m * k)
+        throw py::value_error("out must be z itself or not overlap it, got a partly overlapping array");
+    py::gil_scoped_release nogil;
+    fc_tile_softmax_pair(zp, m, k, rh.data(), rl.data(), ch.data(), cl.data(), op, threads);
+}
+
 // Which of fc_augment_image's clones this CPU runs (the order target_clones' resolver picks in).
 std::string cpu_isa() {
 #if FASTCLIP_CLONES
@@ -243,4 +313,17 @@ PYBIND11_MODULE(_C, m) {
           py::arg("images"), py::arg("out"), py::arg("a"), py::arg("offset"), py::arg("luma"), py::kw_only(),
           py::arg("flip") = py::none(), py::arg("taps") = py::none(), py::arg("radii") = py::none(),
           py::arg("kl") = py::none(), py::arg("lo") = py::none(), py::arg("hi") = py::none());
+    m.def("tile_lse_rows_cols", &tile_lse_rows_cols,
+          "Row and column log-sum-exp of a float32 C-contiguous tile z [m, k] (k >= 1), the GIL released:\n"
+          "row_out float64 [m], col_out float64 [k] (contiguous, writable), as fastclip.ops.tiles.tile_lse\n"
+          "gives them along dims 1 and 0 (fp32 max + log of the fp32 sum; an all -inf line gives -inf).\n"
+          "Rows split over `threads` std::threads (fewer for a small tile).",
+          py::arg("z"), py::arg("row_out"), py::arg("col_out"), py::kw_only(), py::arg("threads") = 1);
+    m.def("tile_softmax_pair", &tile_softmax_pair,
+          "out = exp(z - row_stat[:, None]) + exp(z - col_stat[None, :]) for a float32 C-contiguous tile\n"
+          "z [m, k], the GIL released; row_stat [m], col_stat [k] float32 or float64 (any stride), a float64\n"
+          "one applied as fastclip.ops.tiles.sub_stat applies it (hi then lo, in float32); out float32\n"
+          "[m, k] (C-contiguous, writable; may be z itself).  Rows split over `threads` std::threads.",
+          py::arg("z"), py::arg("row_stat"), py::arg("col_stat"), py::arg("out"), py::kw_only(),
+          py::arg("threads") = 1);
 }

@@ -34,7 +34,7 @@ from .ops.dispatch import env_flag
 __all__ = ["ABI", "NAME", "load", "reason", "reset", "status", "sources_sha256", "source_root"]
 
 NAME = "fastclip._C"
-ABI = 1  # the binding ABI this Python code calls; csrc/bindings.cpp's kAbi must be equal
+ABI = 2  # the binding ABI this Python code calls; csrc/bindings.cpp's kAbi must be equal
 _NOTE = Path(__file__).with_name("_C_build.txt")  # setup.py's reason when it did not build _C
 _LOCK = threading.Lock()
 _LOADED: list = []  # [(module or None, reason or None)] once decided

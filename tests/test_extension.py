@@ -186,3 +186,66 @@ def test_info_says_whether_C_loaded(fresh):
     extension.reset()
     assert "fastclip._C  not loaded: disabled by FASTCLIP_NATIVE=0" in report()
     assert "native     not usable: the C++ extension is not available: disabled" in report()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss tile kernels' bindings (fastclip.ops.tiles calls them)
+# ----------------------------------------------------------------------------------------------
+def _tile_args(m=4, k=6):
+    return {"z": np.zeros((m, k), np.float32), "row_out": np.empty(m, np.float64), "col_out": np.empty(k, np.float64)}
+
+
+def _pair_args(m=4, k=6):
+    return {"z": np.zeros((m, k), np.float32), "row_stat": np.zeros(m, np.float64),
+            "col_stat": np.zeros(k, np.float32), "out": np.empty((m, k), np.float32)}
+
+
+TILE_BAD = [
+    ("tile_lse_rows_cols", "z", np.zeros((4, 6), np.float64), TypeError, "z must be float32, got float64"),
+    ("tile_lse_rows_cols", "z", np.zeros(24, np.float32), ValueError, r"z must be a 2-D tile \[m, k\]"),
+    ("tile_lse_rows_cols", "z", np.zeros((4, 12), np.float32)[:, ::2], ValueError, "z must be C-contiguous"),
+    ("tile_lse_rows_cols", "z", np.zeros((4, 0), np.float32), ValueError, "z must have at least one column"),
+    ("tile_lse_rows_cols", "z", torch.zeros(4, 6), TypeError, "z must be a CPU array with the buffer protocol"),
+    ("tile_lse_rows_cols", "row_out", np.empty(5, np.float64), ValueError, r"row_out must have shape \[m\] = \(4,\)"),
+    ("tile_lse_rows_cols", "row_out", np.empty(4, np.float32), TypeError, "row_out must be float64, got float32"),
+    ("tile_lse_rows_cols", "col_out", _read_only(np.empty(6, np.float64)), ValueError, "col_out must be writable"),
+    ("tile_lse_rows_cols", "col_out", np.empty(12, np.float64)[::2], ValueError, "col_out must be C-contiguous"),
+    ("tile_softmax_pair", "row_stat", np.zeros(4, np.float16), TypeError, "row_stat must be float32 or float64"),
+    ("tile_softmax_pair", "row_stat", np.zeros((4, 1), np.float64), ValueError, r"row_stat must have shape \[m\]"),
+    ("tile_softmax_pair", "col_stat", np.zeros(7, np.float32), ValueError, r"col_stat must have shape \[k\] = \(6,\)"),
+    ("tile_softmax_pair", "out", np.empty((4, 6), np.float64), TypeError, "out must be float32, got float64"),
+    ("tile_softmax_pair", "out", np.empty((4, 5), np.float32), ValueError, r"out must have shape \[m, k\]"),
+    ("tile_softmax_pair", "out", _read_only(np.empty((4, 6), np.float32)), ValueError, "out must be writable"),
+]
+
+
+@pytest.mark.parametrize("fn,name,value,exc,match", TILE_BAD, ids=[f"{b[0]}-{b[1]}-{i}" for i, b in enumerate(TILE_BAD)])
+def test_tile_bindings_refuse_bad_arguments_naming_them(fn, name, value, exc, match):
+    ext = _ext()
+    args = _tile_args() if fn == "tile_lse_rows_cols" else _pair_args()
+    args[name] = value
+    with pytest.raises(exc, match=match):
+        getattr(ext, fn)(**args)
+
+
+def test_tile_bindings_refuse_a_bad_thread_count_and_a_partly_overlapping_out():
+    ext = _ext()
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        ext.tile_lse_rows_cols(**_tile_args(), threads=0)
+    buf = np.zeros(5 * 6, np.float32)
+    z, out = buf[:24].reshape(4, 6), buf[6:].reshape(4, 6)
+    with pytest.raises(ValueError, match="out must be z itself or not overlap it"):
+        ext.tile_softmax_pair(z, np.zeros(4, np.float32), np.zeros(6, np.float32), out)
+
+
+def test_tile_bindings_write_the_callers_memory():
+    ext = _ext()
+    z = np.log(np.arange(1, 7, dtype=np.float32)).reshape(2, 3)  # exp(z) = 1..6
+    row, col = np.full(2, np.nan), np.full(3, np.nan)
+    ext.tile_lse_rows_cols(z, row, col)
+    np.testing.assert_allclose(row, np.log([6.0, 15.0]), rtol=1e-6)
+    np.testing.assert_allclose(col, np.log([5.0, 7.0, 9.0]), rtol=1e-6)
+    out = np.full((2, 3), np.nan, np.float32)
+    ext.tile_softmax_pair(z, row, col, out)
+    np.testing.assert_allclose(out, np.exp(z) / np.array([[6.0], [15.0]]) + np.exp(z) / np.array([5.0, 7.0, 9.0]),
+                               rtol=1e-6)

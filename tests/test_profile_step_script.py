@@ -39,6 +39,14 @@ def test_quick_run_writes_the_record(tmp_path):
     for x in data["loss"]:
         assert x["loss"]["median_s"] > 0 and x["matmuls"]["median_s"] > 0
         assert abs(x["elementwise_share"] - (x["tile_elementwise_share"] + x["overhead_share"])) < 1e-9
+        assert x["loss_torch_tiles"]["median_s"] > 0
+        nt = x["native_tiles"]
+        if nt["loaded"]:  # the native tiles against the torch tiles, the same rounds
+            assert len(nt["speedup_per_round"]) == profile_step.settings(True)["loss_rounds"]
+            assert nt["speedup_min"] <= nt["speedup_median"] <= nt["speedup_max"]
+            assert x["tile_elementwise_native"]["median_s"] > 0
+        else:
+            assert nt["reason"]
     groups = data["profile"]["groups"]
     assert set(groups) == {"matmul", "elementwise", "softmax_layernorm", "optimizer", "other"}
     assert abs(sum(g["share"] for g in groups.values()) - 1) < 1e-6
@@ -48,6 +56,8 @@ def test_quick_run_writes_the_record(tmp_path):
     assert all(ln.startswith("loss elementwise tile work: ") and "% of the loss time (threshold 5%" in ln
                for ln in lines[1:])
     text = md.read_text()
+    assert ("native tiles (csrc/loss_tiles_cpu.cpp): loss " in lines[1]) == data["loss"][0]["native_tiles"]["loaded"]
+    assert "### The native tiles" in text
     assert "## Verdicts" in text and "Decision rule" in text and "torch.profiler" in text
 
 
@@ -60,3 +70,19 @@ def test_classify_groups_ops():
     assert c("aten::mul_", True) == "optimizer"
     assert c("aten::_foreach_mul_", False) == "optimizer"
     assert c("aten::view", False) == "other"
+
+
+def test_the_loss_section_without_the_extension(monkeypatch):
+    """FASTCLIP_NATIVE=0: the torch tiles only, and the reason in the record."""
+    from fastclip import extension
+
+    monkeypatch.setenv("FASTCLIP_NATIVE", "0")
+    extension.reset()
+    try:
+        rec = profile_step.time_loss(64, 16, rounds=2, target_s=0.001)
+    finally:
+        monkeypatch.delenv("FASTCLIP_NATIVE")
+        extension.reset()
+    assert rec["native_tiles"] == {"loaded": False, "reason": rec["native_tiles"]["reason"]}
+    assert "FASTCLIP_NATIVE=0" in rec["native_tiles"]["reason"]
+    assert rec["loss"] is rec["loss_torch_tiles"] and "tile_elementwise_native" not in rec

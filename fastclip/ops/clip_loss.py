@@ -173,7 +173,8 @@ def run_engine(engine, a, b, scale_t, bias_t, eps: float, chunk: Optional[int]) 
 
 
 register_loss_backends("clip_loss", run_engine, _run_reference, triton=TritonEngine, chunked=ChunkedEngine,
-                       chunked_doc="PyTorch tiles, two passes, O(N*D + tile) memory; CPU and CUDA")
+                       chunked_doc="PyTorch tiles (fp32 CPU tiles' elementwise work in fastclip._C when it "
+                                   "loaded), two passes, O(N*D + tile) memory; CPU and CUDA")
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,

@@ -45,7 +45,17 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_chunk_size, check_float_tensor
-from .tiles import STAT_DTYPE, acc_dtype, default_chunk_size, mm_dtype, rowdot_sum, sub_stat, tile_lse, tile_logits
+from .tiles import (
+    STAT_DTYPE,
+    acc_dtype,
+    default_chunk_size,
+    mm_dtype,
+    rowdot_sum,
+    softmax_pair,
+    tile_logits,
+    tile_lse,
+    tile_lse_pair,
+)
 
 __all__ = [
     "simclr_loss",
@@ -100,10 +110,13 @@ def simclr_lse(z: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
             zj = zi if diagonal else z[j:j + chunk].to(mmd)
             t = _masked_tile(zi, zj, scale, acc, diagonal)
             e = work[: t.numel()].view_as(t)
-            torch.logaddexp(ri, tile_lse(t, 1, e), out=ri)
-            if not diagonal:
+            if diagonal:
+                torch.logaddexp(ri, tile_lse(t, 1, e), out=ri)
+            else:
+                row, col = tile_lse_pair(t, e)
+                torch.logaddexp(ri, row, out=ri)
                 rj = r[j:j + chunk]
-                torch.logaddexp(rj, tile_lse(t, 0, e), out=rj)
+                torch.logaddexp(rj, col, out=rj)
     return r
 
 
@@ -137,7 +150,7 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
 
     for i in range(0, m, chunk):
         zi = z[i:i + chunk].to(mmd)
-        ri = r[i:i + chunk].unsqueeze(1)
+        ri = r[i:i + chunk]
         want_i = wanted(i)
         for j in range(i, m, chunk):
             want_j = wanted(j)
@@ -147,8 +160,7 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
             zj = zi if diagonal else z[j:j + chunk].to(mmd)
             t = _masked_tile(zi, zj, scale, acc, diagonal)
             q = work[: t.numel()].view_as(t)
-            sub_stat(t, ri, q).exp_()
-            q.add_(sub_stat(t, r[j:j + chunk], t).exp_())
+            softmax_pair(t, ri, r[j:j + chunk], q)
             qm = q if mmd == acc else q.to(mmd)
             if want_i:
                 accumulate(g[i:i + chunk], qm, zj)
@@ -216,7 +228,8 @@ def _run_chunked(view1, view2, temperature, chunk):
 dispatch.register("simclr_loss", dispatch.Backend(
     "chunked", _run_chunked, devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    doc="PyTorch tiles over the symmetric upper triangle, O(N*D + tile) memory; CPU and CUDA"))
+    doc="PyTorch tiles over the symmetric upper triangle (fp32 CPU tiles' elementwise work in "
+                   "fastclip._C when it loaded), O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("simclr_loss", dispatch.Backend(
     "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
     dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),

@@ -21,6 +21,14 @@ CLIP's two passes (see ``fastclip.ops.clip_loss`` for the derivation): :func:`ch
 row and column log-sum-exp, :func:`chunked_softmax_grads` recomputes every tile and accumulates
 P @ B and P.T @ A with P = exp(z - r) + exp(z - c), and :func:`finish_clip_grads` turns those
 into the gradients of the inputs (the target terms, label smoothing, the incoming gradient).
+
+A tile's elementwise work (both log-sum-exps: :func:`tile_lse_pair`; P: :func:`softmax_pair`)
+runs in ``fastclip._C`` (``csrc/loss_tiles_cpu.cpp``: two fused passes forward, one backward, on
+:data:`NATIVE_THREADS` threads) for CPU float32 tiles when the extension loads, with the same
+precision rules; everything else, ``FASTCLIP_NATIVE=0`` or :data:`NATIVE_TILES` = False runs the
+torch code below.  The gain is measured by ``benchmarks/profile_step.py`` (figures in
+benchmarks/RESULTS.md): largest at small batches, where the torch code's per-call overhead
+dominates, and a few percent at N=4096, where the matmuls are ~87% of the loss.
 """
 from __future__ import annotations
 
@@ -30,12 +38,20 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import extension
 from . import dispatch
 
 __all__ = ["register_loss_backends", "STAT_DTYPE", "default_chunk_size", "mm_dtype", "acc_dtype", "tile_logits", "tile_lse", "sub_stat",
+           "NATIVE_TILES", "NATIVE_THREADS", "native_tiles", "tile_lse_pair", "softmax_pair",
            "rowdot_sum", "chunked_lse", "chunked_softmax_grads", "finish_clip_grads"]
 
 STAT_DTYPE = torch.float64
+NATIVE_TILES = True  # False: the torch code for every tile (benchmarks compare both in one process)
+# Threads of the native tile kernels.  1, not torch.get_num_threads(): each kernel runs right after a
+# torch matmul, whose OpenMP workers keep spinning on the other cores for milliseconds, longer than a
+# tile's elementwise work (~1 ms); two threads there made the loss slower than one (2 cores, N=1024
+# and 4096; benchmarks/RESULTS.md).
+NATIVE_THREADS = 1
 
 
 def default_chunk_size(device: torch.device) -> int:
@@ -82,6 +98,38 @@ def sub_stat(z: torch.Tensor, stat: torch.Tensor, out: torch.Tensor) -> torch.Te
     return torch.sub(z, hi, out=out).sub_(lo)
 
 
+def native_tiles(z: torch.Tensor):
+    """``fastclip._C`` when it does tile ``z``'s elementwise work (a contiguous CPU float32 tile,
+    :data:`NATIVE_TILES` on, the extension loaded), else None."""
+    if not NATIVE_TILES or z.dtype != torch.float32 or z.device.type != "cpu" or not z.is_contiguous():
+        return None
+    return extension.load()[0]
+
+
+def tile_lse_pair(z: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile_lse(z, 1, work), tile_lse(z, 0, work)): the row and column log-sum-exp in STAT_DTYPE."""
+    ext = native_tiles(z)
+    if ext is None or z.shape[1] == 0:
+        return tile_lse(z, 1, work), tile_lse(z, 0, work)
+    row = torch.empty(z.shape[0], dtype=STAT_DTYPE)
+    col = torch.empty(z.shape[1], dtype=STAT_DTYPE)
+    ext.tile_lse_rows_cols(z.detach().numpy(), row.numpy(), col.numpy(), threads=NATIVE_THREADS)
+    return row, col
+
+
+def softmax_pair(z: torch.Tensor, row_stat: torch.Tensor, col_stat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = exp(z - row_stat[:, None]) + exp(z - col_stat[None, :]), each statistic applied with
+    :func:`sub_stat`; row_stat [m], col_stat [k]; ``z`` may be overwritten (``out`` must not be z)."""
+    ext = native_tiles(z)
+    if (ext is None or not out.is_contiguous() or out.dtype != z.dtype
+            or row_stat.dtype not in (torch.float32, torch.float64) or col_stat.dtype != row_stat.dtype):
+        sub_stat(z, row_stat.unsqueeze(1), out).exp_()
+        return out.add_(sub_stat(z, col_stat, z).exp_())
+    ext.tile_softmax_pair(z.detach().numpy(), row_stat.detach().numpy(), col_stat.detach().numpy(), out.numpy(),
+                          threads=NATIVE_THREADS)
+    return out
+
+
 def rowdot_sum(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, chunk: int) -> torch.Tensor:
     """sum_i a_i . b_i in ``acc``, blockwise so low-precision inputs are never copied whole."""
     total = torch.zeros((), device=a.device, dtype=acc)
@@ -108,8 +156,9 @@ def chunked_lse(a: torch.Tensor, b: torch.Tensor, scale: float, chunk: int) -> t
         for j in range(0, K, chunk):
             z = tile_logits(a_blk, b[j:j + chunk].to(mmd), scale, acc)
             e = buf[: z.numel()].view_as(z)
-            row_parts.append(tile_lse(z, 1, e))
-            torch.logaddexp(col_lse[j:j + chunk], tile_lse(z, 0, e), out=col_lse[j:j + chunk])
+            row, col = tile_lse_pair(z, e)
+            row_parts.append(row)
+            torch.logaddexp(col_lse[j:j + chunk], col, out=col_lse[j:j + chunk])
         row_lse[i:i + chunk] = torch.logsumexp(torch.stack(row_parts), dim=0)
     return row_lse, col_lse
 
@@ -131,13 +180,12 @@ def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_ls
     buf = torch.empty(min(chunk, M) * min(chunk, K), device=a.device, dtype=acc)
     for i in range(0, M, chunk):
         a_blk = a[i:i + chunk].to(mmd)
-        r = row_lse[i:i + chunk].unsqueeze(1)
+        r = row_lse[i:i + chunk]
         for j in range(0, K, chunk):
             b_blk = b[j:j + chunk].to(mmd)
             z = tile_logits(a_blk, b_blk, scale, acc)
             p = buf[: z.numel()].view_as(z)
-            sub_stat(z, r, p).exp_()
-            p.add_(sub_stat(z, col_lse[j:j + chunk], z).exp_())
+            softmax_pair(z, r, col_lse[j:j + chunk], p)
             pm = p if mmd == acc else p.to(mmd)
             if need_a:
                 if mmd == acc:

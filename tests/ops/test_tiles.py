@@ -210,3 +210,149 @@ def test_register_loss_backends_declares_the_three_backends(monkeypatch):
     assert backends[0].picked_automatically(cuda) and "triton" in backends[0].packages
     assert backends[1].fn(1, 2) == "loss" and calls == [(chunked_engine, (1, 2))]
     assert backends[2].fn(1, 2) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------
+# The native tile kernels (fastclip._C) against the torch code they replace
+# ----------------------------------------------------------------------------------------------
+def _native_or_skip():
+    from fastclip import extension
+
+    mod, why = extension.load()
+    if mod is None:
+        pytest.skip(f"fastclip._C is not available: {why}")
+    return mod
+
+
+def _torch_tiles(monkeypatch):
+    monkeypatch.setattr(tiles, "NATIVE_TILES", False)
+
+
+def _tile(m, k, seed=0, spread=5.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g) * spread
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k", [(1, 1), (5, 17), (300, 257), (700, 400)])
+def test_native_tile_lse_pair_matches_torch_and_fp64(monkeypatch, m, k, threads):
+    """Shapes below and above one lane (16) and one row block (128); 700 x 400 splits over threads."""
+    _native_or_skip()
+    z = _tile(m, k)
+    z[m // 2] = -math.inf  # an all -inf row, and an all -inf column: -inf, not NaN
+    z[:, k // 2] = -math.inf
+    z[0, 0] = 80.0  # near fp32 exp's overflow once shifted: the max must be taken first
+    work = torch.empty(m, k)
+    monkeypatch.setattr(tiles, "NATIVE_THREADS", threads)
+    assert tiles.native_tiles(z) is not None
+    row, col = tiles.tile_lse_pair(z, work)
+    assert row.dtype == col.dtype == STAT_DTYPE and row.shape == (m,) and col.shape == (k,)
+    assert torch.equal(torch.isinf(row), torch.isinf(tile_lse(z, 1, work)))
+    assert torch.equal(torch.isinf(col), torch.isinf(tile_lse(z, 0, work)))
+    for got, dim in ((row, 1), (col, 0)):
+        exact = torch.logsumexp(z.double(), dim=dim)
+        peer = tile_lse(z, dim, work)  # the torch code at the same precision
+        fin = torch.isfinite(exact)
+        assert_close(got[fin], exact[fin], torch.float32, f"lse along dim {dim}", atol=0, rtol=2e-7,
+                     peers=[peer[fin]])
+
+
+def test_native_tile_lse_pair_of_an_all_minus_inf_tile():
+    _native_or_skip()
+    z = torch.full((20, 33), -math.inf)
+    row, col = tiles.tile_lse_pair(z, torch.empty_like(z))
+    assert torch.isneginf(row).all() and torch.isneginf(col).all()
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_softmax_pair_matches_torch(monkeypatch, stat_dtype, threads):
+    _native_or_skip()
+    m, k = 600, 300
+    z = _tile(m, k, seed=1)
+    z[3, :] = -math.inf  # masked self-pairs (simclr's diagonal tiles): exactly 0
+    z[:, 5] = -math.inf
+    row = (torch.logsumexp(z.double(), 1) + torch.rand(m, dtype=torch.float64)).to(stat_dtype)
+    row[3] = 0.0
+    col = (torch.logsumexp(z.double(), 0) + torch.rand(k, dtype=torch.float64)).to(stat_dtype)
+    col[5] = 0.0
+    monkeypatch.setattr(tiles, "NATIVE_THREADS", threads)
+    got = tiles.softmax_pair(z.clone(), row, col, torch.full((m, k), math.nan))
+    exact = torch.exp(z.double() - row.double()[:, None]) + torch.exp(z.double() - col.double()[None, :])
+    monkeypatch.setattr(tiles, "NATIVE_TILES", False)
+    peer = tiles.softmax_pair(z.clone(), row, col, torch.empty(m, k))
+    assert (got[3] == 0).all() and (got[:, 5] == 0).all()
+    assert_close(got, exact, torch.float32, "P", atol=0, rtol=1e-6, peers=[peer])
+    # a float64 statistic is applied as sub_stat applies it (hi, then lo): not rounded to fp32 first
+    if stat_dtype == torch.float64:
+        assert_close(got, peer, torch.float32, "P vs torch", atol=0, rtol=1e-6)
+
+
+def test_native_softmax_pair_may_write_over_z():
+    ext = _native_or_skip()
+    z = _tile(40, 50, seed=2)
+    row, col = torch.logsumexp(z, 1), torch.logsumexp(z, 0)
+    want = torch.exp(z - row[:, None]) + torch.exp(z - col)
+    zz = z.clone()
+    ext.tile_softmax_pair(zz.numpy(), row.numpy(), col.numpy(), zz.numpy())
+    assert_close(zz, want, torch.float32, "P in place")
+
+
+def test_native_tiles_only_for_contiguous_cpu_float32_tiles(monkeypatch):
+    _native_or_skip()
+    z = _tile(8, 8)
+    assert tiles.native_tiles(z) is not None
+    assert tiles.native_tiles(z.double()) is None
+    assert tiles.native_tiles(z.T) is None  # a strided view: the torch code
+    assert tiles.native_tiles(z.half()) is None
+    _torch_tiles(monkeypatch)
+    assert tiles.native_tiles(z) is None
+
+
+def test_native_tiles_follow_the_extension_verdict(monkeypatch):
+    from fastclip import extension
+
+    monkeypatch.setenv("FASTCLIP_NATIVE", "0")
+    extension.reset()
+    try:
+        assert tiles.native_tiles(_tile(4, 4)) is None
+        row, col = tiles.tile_lse_pair(_tile(4, 4), torch.empty(4, 4))  # the torch code runs
+        assert row.dtype == STAT_DTYPE and col.shape == (4,)
+    finally:
+        monkeypatch.delenv("FASTCLIP_NATIVE")
+        extension.reset()
+
+
+@pytest.mark.parametrize("loss", ["clip", "simclr"])
+def test_losses_agree_with_and_without_the_native_tiles(monkeypatch, loss):
+    """The chunked CLIP and SimCLR losses and their gradients, fp32, several tiles (tails, the
+    masked diagonal tiles of SimCLR): native tiles vs the torch tiles, both against fp64."""
+    _native_or_skip()
+    from fastclip.ops.clip_loss import clip_loss
+    from fastclip.ops.simclr_loss import simclr_loss, simclr_loss_reference
+
+    a64, b64 = feats(150, 150, 24, seed=3)
+    a64, b64 = torch.nn.functional.normalize(a64, dim=-1), torch.nn.functional.normalize(b64, dim=-1)
+
+    def run(a, b):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        if loss == "clip":
+            out = clip_loss(a, b, 1 / 0.07, backend="chunked", chunk_size=64)
+        elif a.dtype == torch.float64:
+            out = simclr_loss_reference(a, b, 0.1)
+        else:
+            out = simclr_loss(a, b, 0.1, backend="chunked", chunk_size=64)
+        out.backward()
+        return out.detach(), a.grad, b.grad
+
+    exact = run(a64, b64) if loss == "simclr" else None
+    if exact is None:
+        a, b = a64.clone().requires_grad_(), b64.clone().requires_grad_()
+        out = clip_loss_reference(a, b, 1 / 0.07)
+        out.backward()
+        exact = (out.detach(), a.grad, b.grad)
+    native = run(a64.float(), b64.float())
+    _torch_tiles(monkeypatch)
+    peer = run(a64.float(), b64.float())
+    for what, got, want, p in zip(("loss", "grad a", "grad b"), native, exact, peer):
+        assert_close(got, want, torch.float32, what, scale_floor=1.0, peers=[p])
