@@ -28,7 +28,7 @@ from torch import nn
 from .strategies import LossContext, StrategyStack
 
 __all__ = ["TrainModule", "StepRunner", "split_batch", "batch_dict", "rng_state", "set_rng_state", "param_groups",
-           "build_optimizer", "optimizer_step"]
+           "build_optimizer", "restore_optimizer", "optimizer_step", "FUSED_DEVICES"]
 
 
 class TrainModule(nn.Module):
@@ -60,10 +60,31 @@ def param_groups(named_params, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+
+
+def _implementation(device: torch.device) -> dict:
+    """AdamW's fused kernel on CPU and CUDA (one pass over each parameter; on CPU several times
+    the per-tensor loop and the ``foreach`` path: benchmarks/RESULTS.md), ``foreach`` elsewhere."""
+    if device.type in FUSED_DEVICES:
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
+
+
 def build_optimizer(named_params, cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` with ``cfg`` (an :class:`~fastclip.train.config.OptimConfig`)."""
     return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, foreach=device.type == "cuda")
+                             eps=cfg.eps, **_implementation(device))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the implementation it was built with: a saved
+    state carries its writer's ``fused``/``foreach`` flags (another device, an older fastclip),
+    which would otherwise replace them.  The moments and hyper-parameters come from ``state``."""
+    kept = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, flags in zip(optimizer.param_groups, kept):
+        g.update(flags)
 
 
 def optimizer_step(optimizer, scaler, params: list, model: nn.Module, grad_clip=None,

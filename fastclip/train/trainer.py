@@ -45,7 +45,7 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, agree, barrier, gather_objects, init_distributed, shutdown
 from .evaluation import check_shards, make_eval_callback
 from .metrics import MetricsWriter, ProgressBar, plot_curves
-from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step
+from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step, restore_optimizer
 from .strategies import LossContext, build_strategy
 
 __all__ = ["Trainer", "train", "TrainingDiverged", "build_loader", "plan_run"]
@@ -264,7 +264,7 @@ class Trainer:
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["state_dict"])
         self.modules.load_state_dict(payload["modules"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        restore_optimizer(self.optimizer, payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
         self.budget.load_state_dict(payload["budget"])
         self.step = payload["step"]

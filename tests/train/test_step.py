@@ -1,5 +1,6 @@
 """Exact gradient accumulation: k micro-batches give the one-batch gradient (fp32, 1e-5)."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -82,3 +83,63 @@ def test_non_finite_loss_does_not_backpropagate():
         loss, terms = runner.run(batch)
         assert loss is None and not torch.isfinite(terms["contrastive"])
         assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer: torch's fused AdamW on CPU, the same updates as the per-tensor loop
+# ----------------------------------------------------------------------------------------------
+def _adamw_pair():
+    from fastclip.train.config import OptimConfig
+    from fastclip.train.step import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 4))
+    twin = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 4))
+    twin.load_state_dict(net.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(net.named_parameters(), cfg, torch.device("cpu"))
+    loop = torch.optim.AdamW(param_groups(twin.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    return net, twin, opt, loop
+
+
+def _steps(pairs, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(8, 12, generator=g)
+        for net, opt in pairs:
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+
+
+def test_build_optimizer_is_fused_adamw_on_cpu_with_the_loops_updates():
+    from fastclip.train.step import FUSED_DEVICES
+
+    net, twin, opt, loop = _adamw_pair()
+    assert "cpu" in FUSED_DEVICES
+    assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
+    _steps([(net, opt), (twin, loop)], 30)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_restore_optimizer_keeps_the_built_implementation_and_the_saved_moments():
+    """A state written by a per-tensor-loop AdamW (an older fastclip, another device) resumes on
+    the fused kernel with its moments, and goes on as the loop does."""
+    from fastclip.train.step import restore_optimizer
+
+    net, twin, opt, loop = _adamw_pair()
+    _steps([(twin, loop)], 5)
+    net.load_state_dict(twin.state_dict())
+    saved = copy.deepcopy(loop.state_dict())  # as a checkpoint holds it: not the loop's own tensors
+    assert saved["param_groups"][0]["fused"] is None
+    restore_optimizer(opt, saved)
+    assert all(g["fused"] is True for g in opt.param_groups)
+    assert opt.param_groups[0]["lr"] == loop.param_groups[0]["lr"]
+    first = next(iter(opt.state.values()))
+    assert int(first["step"]) == 5
+    _steps([(net, opt), (twin, loop)], 5, seed=2)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
