@@ -42,7 +42,7 @@ MODE = os.environ.get("FASTCLIP_BUILD_EXT", "").strip().lower()
 SKIP = MODE in ("0", "false", "no", "off")
 REQUIRED = MODE in ("1", "true", "yes", "on")
 WINDOWS = sys.platform == "win32"
-CLONES = not WINDOWS and platform.machine().lower() in ("x86_64", "amd64")  # csrc/augment_cpu.h agrees
+CLONES = not WINDOWS and platform.machine().lower() in ("x86_64", "amd64")  # csrc/clones.h agrees
 
 
 def say(message: str) -> None:

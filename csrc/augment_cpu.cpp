@@ -14,18 +14,7 @@
 
 #include <cstring>
 
-/* Vector widths chosen at load time on x86-64 (FASTCLIP_CLONES, augment_cpu.h); elsewhere, or
-   when the toolchain refuses (setup.py then rebuilds with FASTCLIP_NO_CLONES), the baseline. */
-#if FASTCLIP_CLONES
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define INLINE static inline __attribute__((always_inline))
-#else
-#define INLINE static inline
-#endif
+/* CLONES, INLINE: vector widths chosen at load time on x86-64 (clones.h). */
 
 /* Reflect an index into [0, n) the way torch's "reflect" padding does (the edge is not repeated). */
 INLINE int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }

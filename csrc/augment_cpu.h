@@ -3,12 +3,7 @@
 
 #include <cstdint>
 
-// 1 when fc_augment_image is built in per-CPU vector widths (GCC/clang target_clones on x86-64).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTCLIP_NO_CLONES)
-#define FASTCLIP_CLONES 1
-#else
-#define FASTCLIP_CLONES 0
-#endif
+#include "clones.h"  // FASTCLIP_CLONES: whether fc_augment_image is built in per-CPU vector widths
 
 // Floats of scratch one call of fc_augment_image needs for an h x w image and blur radius r.
 inline int64_t fc_augment_scratch(int64_t h, int64_t w, int64_t r) { return 4 * h * w + w + 2 * r; }

@@ -20,17 +20,6 @@
 #include <thread>
 #include <vector>
 
-#if FASTCLIP_CLONES
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define INLINE static inline __attribute__((always_inline))
-#else
-#define INLINE static inline
-#endif
-
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

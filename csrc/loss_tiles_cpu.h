@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "augment_cpu.h"  // FASTCLIP_CLONES: the per-CPU vector widths both kernels' files are built in
+#include "clones.h"  // CLONES, INLINE: the per-CPU vector widths the kernels are built in
 
 // Row and column log-sum-exp of a float32 C-contiguous tile z [m, k] (what fastclip.ops.tiles.tile_lse
 // gives along dims 1 and 0): row_out [m], col_out [k] in float64, each the line's fp32 max (0 for an
