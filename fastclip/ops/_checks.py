@@ -1,4 +1,4 @@
-"""Input validation shared by the contrastive losses.
+"""Input validation shared by the ops, and the dtypes and devices plain-PyTorch backends declare.
 
 Every error names the argument, what was expected and what was given.
 """

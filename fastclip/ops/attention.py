@@ -221,13 +221,13 @@ def _flash_check(device=None, dtype=None, head_dim=0, head_dim_v=0, causal=False
 
 
 def _triton_check(device=None, dtype=None, head_dim=0, head_dim_v=0, has_mask=False, **_):
+    """The kernel's own limits; dispatch.triton_backend adds the device reasons after these."""
     out = _no_mask(has_mask)
     if head_dim > TRITON_MAX_HEAD_DIM or head_dim_v != head_dim:
         out.append(f"head dim unsupported: needs q/k and v head dims equal and <= {TRITON_MAX_HEAD_DIM}, "
                    f"got {head_dim} and {head_dim_v}")
-    device_reasons = dispatch.triton_device_reasons(device, faster="sdpa")
-    out += device_reasons
-    if not device_reasons and device is not None and device.type == "cuda" \
+    # Only where the device itself is fine (CUDA without the interpreter), so this stays the last reason.
+    if device is not None and device.type == "cuda" and not dispatch.triton_interpreter() \
             and dtype == torch.bfloat16 and _cuda_capability(device) < (8, 0):
         out.append("bfloat16 tl.dot needs an sm80+ GPU")
     return out
@@ -240,8 +240,8 @@ def _xformers_check(device=None, dtype=None, head_dim=0, head_dim_v=0, has_mask=
 dispatch.register(OP, dispatch.Backend(
     "flash_attn", _run_flash_attn, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16),
     packages=("flash_attn",), check=_flash_check, doc="flash-attn 2 flash_attn_func (CUDA, fp16/bf16)"))
-dispatch.register(OP, dispatch.Backend(
-    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check, auto_devices=("cuda",),
+dispatch.register(OP, dispatch.triton_backend(
+    _run_triton, faster="sdpa", check=_triton_check,
     doc="fastclip's Triton flash attention; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register(OP, dispatch.Backend(
     "xformers", _run_xformers, devices=("cuda",), packages=("xformers.ops",), check=_xformers_check,

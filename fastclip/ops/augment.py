@@ -74,6 +74,7 @@ import torch.nn.functional as F
 
 from .. import extension
 from . import dispatch
+from ._checks import FLOATS
 
 __all__ = [
     "AugmentOpConfig",
@@ -99,7 +100,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _LUMA = (0.299, 0.587, 0.114)
 _YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,9 +553,9 @@ dispatch.register(OP, dispatch.Backend(
     "native", fn=_augment_native, devices=("cpu",), check=_native_check,
     doc="fastclip's C++ kernel in fastclip._C, one pass per image"))
 dispatch.register(OP, dispatch.Backend(
-    "torch", fn=_augment_torch, dtypes=_OUT_DTYPES, doc="batched torch tensor operations"))
+    "torch", fn=_augment_torch, dtypes=FLOATS, doc="batched torch tensor operations"))
 dispatch.register(OP, dispatch.Backend(
-    "reference", fn=_augment_reference, dtypes=_OUT_DTYPES, auto_devices=(),
+    "reference", fn=_augment_reference, dtypes=FLOATS, auto_devices=(),
     doc="op by op in float64 (the test oracle)"))
 
 

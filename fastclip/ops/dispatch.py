@@ -28,7 +28,7 @@ import torch
 from ..lazy import package_reason
 
 __all__ = ["Backend", "BackendError", "register", "backends", "select", "make_static_chooser", "package_status",
-           "all_ops", "describe_inputs"]
+           "all_ops", "describe_inputs", "triton_backend"]
 
 _ENV = "FASTCLIP_BACKEND"
 
@@ -110,6 +110,22 @@ class Backend:
         if not out and self.check is not None:
             out.extend(self.check(device=device, dtype=dtype, **inputs))
         return out
+
+
+def triton_backend(fn: Callable, *, faster: str, doc: str, check: Optional[Callable[..., list[str]]] = None,
+                   extra: Optional[dict] = None) -> Backend:
+    """The ``triton`` backend record, with the policy every op's Triton backend shares.
+
+    It runs on CUDA, and on CPU only through the interpreter (:func:`triton_device_reasons`, which
+    names ``faster``, the backend to prefer there); automatic selection considers it on CUDA only;
+    it needs the ``triton`` package and takes fp32/fp16/bf16.  ``check`` adds the op's own reasons
+    for specific inputs, listed before the device's."""
+    def reasons(device=None, dtype=None, **inputs) -> list[str]:
+        out = [] if check is None else check(device=device, dtype=dtype, **inputs)
+        return out + triton_device_reasons(device, faster=faster)
+
+    return Backend("triton", fn, devices=("cuda", "cpu"), packages=("triton",), check=reasons, doc=doc,
+                   extra={} if extra is None else extra, auto_devices=("cuda",))
 
 
 _REGISTRY: dict[str, list[Backend]] = {}

@@ -250,13 +250,8 @@ def _run_triton(x, src):
     return PatchGatherFunction.apply(x, src)
 
 
-def _triton_check(device=None, dtype=None, **_):
-    return dispatch.triton_device_reasons(device, faster="torch")
-
-
-dispatch.register(OP, dispatch.Backend(
-    "triton", _run_triton, devices=("cuda", "cpu"), packages=("triton",), check=_triton_check, auto_devices=("cuda",),
-    doc="Triton row gather / scatter kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
+dispatch.register(OP, dispatch.triton_backend(
+    _run_triton, faster="torch", doc="Triton row gather / scatter kernels; CPU only through TRITON_INTERPRET=1 (tests)"))
 dispatch.register(OP, dispatch.Backend(
     "torch", _run_torch, devices=ANY_DEVICE, dtypes=FLOATS, doc="torch.gather; runs everywhere"))
 dispatch.register(OP, dispatch.Backend(

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import as_scalar_tensor, check_chunk_size, check_features
-from .tiles import acc_dtype, default_chunk_size, mm_dtype, register_loss_backends, rowdot_sum, tile_logits
+from .tiles import (
+    acc_dtype,
+    accumulate_mm,
+    default_chunk_size,
+    mm_dtype,
+    register_loss_backends,
+    rowdot_sum,
+    tile_logits,
+)
 
 __all__ = ["siglip_loss", "siglip_loss_reference", "SigLipLossFunction", "chunked_siglip_sweep", "ChunkedSweep",
            "TritonSweep", "run_engine"]
@@ -66,13 +74,9 @@ def chunked_siglip_sweep(a: torch.Tensor, b: torch.Tensor, scale: float, bias: f
             if need_grads:
                 torch.sigmoid(z, out=t)
                 sig_sum += t.sum()
-                pm = t if mmd == acc else t.to(mmd)
-                if mmd == acc:
-                    ga[i:i + chunk].addmm_(pm, b_blk)
-                    gb[j:j + chunk].addmm_(pm.T, a_blk)
-                else:
-                    ga[i:i + chunk] += torch.mm(pm, b_blk).to(acc)
-                    gb[j:j + chunk] += torch.mm(pm.T, a_blk).to(acc)
+                pm = t.to(mmd)  # once per tile, for both products (t itself when mmd == acc)
+                accumulate_mm(ga[i:i + chunk], pm, b_blk)
+                accumulate_mm(gb[j:j + chunk], pm.T, a_blk)
     return total, ga, gb, sig_sum
 
 

@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import check_chunk_size, check_float_tensor
+from ._checks import ANY_DEVICE, FLOATS, check_chunk_size, check_float_tensor
 from .tiles import (
     STAT_DTYPE,
     acc_dtype,
+    accumulate_mm,
     default_chunk_size,
     mm_dtype,
     rowdot_sum,
@@ -142,12 +143,6 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
     def wanted(start):
         return start < hi and start + chunk > lo
 
-    def accumulate(dst, q, src):
-        if mmd == acc:
-            dst.addmm_(q, src)
-        else:
-            dst += torch.mm(q, src).to(acc)
-
     for i in range(0, m, chunk):
         zi = z[i:i + chunk].to(mmd)
         ri = r[i:i + chunk]
@@ -161,11 +156,11 @@ def simclr_grads(z: torch.Tensor, scale: float, r: torch.Tensor, chunk: int,
             t = _masked_tile(zi, zj, scale, acc, diagonal)
             q = work[: t.numel()].view_as(t)
             softmax_pair(t, ri, r[j:j + chunk], q)
-            qm = q if mmd == acc else q.to(mmd)
+            qm = q.to(mmd)  # once per tile, for both products (q itself when mmd == acc)
             if want_i:
-                accumulate(g[i:i + chunk], qm, zj)
+                accumulate_mm(g[i:i + chunk], qm, zj)
             if want_j and not diagonal:
-                accumulate(g[j:j + chunk], qm.T, zi)
+                accumulate_mm(g[j:j + chunk], qm.T, zi)
     return g
 
 
@@ -226,13 +221,11 @@ def _run_chunked(view1, view2, temperature, chunk):
 
 
 dispatch.register("simclr_loss", dispatch.Backend(
-    "chunked", _run_chunked, devices=("cpu", "cuda"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "chunked", _run_chunked, devices=("cpu", "cuda"), dtypes=FLOATS,
     doc="PyTorch tiles over the symmetric upper triangle (fp32 CPU tiles' elementwise work in "
                    "fastclip._C when it loaded), O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("simclr_loss", dispatch.Backend(
-    "reference", _run_reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "reference", _run_reference, devices=ANY_DEVICE, auto_devices=(), dtypes=FLOATS,
     doc="materialised 2N x 2N logits (O(N^2) memory); the test oracle"))
 
 def check_temperature(temperature) -> float:

@@ -40,10 +40,11 @@ import torch
 
 from .. import extension
 from . import dispatch
+from ._checks import ANY_DEVICE, FLOATS
 
 __all__ = ["register_loss_backends", "STAT_DTYPE", "default_chunk_size", "mm_dtype", "acc_dtype", "tile_logits", "tile_lse", "sub_stat",
            "NATIVE_TILES", "NATIVE_THREADS", "native_tiles", "tile_lse_pair", "softmax_pair",
-           "rowdot_sum", "chunked_lse", "chunked_softmax_grads", "finish_clip_grads"]
+           "accumulate_mm", "rowdot_sum", "chunked_lse", "chunked_softmax_grads", "finish_clip_grads"]
 
 STAT_DTYPE = torch.float64
 NATIVE_TILES = True  # False: the torch code for every tile (benchmarks compare both in one process)
@@ -130,6 +131,18 @@ def softmax_pair(z: torch.Tensor, row_stat: torch.Tensor, col_stat: torch.Tensor
     return out
 
 
+def accumulate_mm(dst: torch.Tensor, p: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst += p @ src, in place; ``dst`` in the accumulation dtype, ``p`` and ``src`` in the mm dtype.
+
+    When the two dtypes agree, one ``addmm_``; otherwise (fp16/bf16 products on a GPU) the product
+    runs in the mm dtype and is cast up before it is added, so nothing accumulates in low
+    precision.  Callers cast a tile to the mm dtype once (``p.to(mmd)``) and pass it (or its ``.T``)
+    to every product it feeds."""
+    if p.dtype == dst.dtype:
+        return dst.addmm_(p, src)
+    return dst.add_(torch.mm(p, src).to(dst.dtype))
+
+
 def rowdot_sum(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, chunk: int) -> torch.Tensor:
     """sum_i a_i . b_i in ``acc``, blockwise so low-precision inputs are never copied whole."""
     total = torch.zeros((), device=a.device, dtype=acc)
@@ -186,17 +199,11 @@ def chunked_softmax_grads(a: torch.Tensor, b: torch.Tensor, scale: float, row_ls
             z = tile_logits(a_blk, b_blk, scale, acc)
             p = buf[: z.numel()].view_as(z)
             softmax_pair(z, r, col_lse[j:j + chunk], p)
-            pm = p if mmd == acc else p.to(mmd)
+            pm = p.to(mmd)  # once per tile, for both products (p itself when mmd == acc)
             if need_a:
-                if mmd == acc:
-                    ga[i:i + chunk].addmm_(pm, b_blk)
-                else:
-                    ga[i:i + chunk] += torch.mm(pm, b_blk).to(acc)
+                accumulate_mm(ga[i:i + chunk], pm, b_blk)
             if need_b:
-                if mmd == acc:
-                    gb[j:j + chunk].addmm_(pm.T, a_blk)
-                else:
-                    gb[j:j + chunk] += torch.mm(pm.T, a_blk).to(acc)
+                accumulate_mm(gb[j:j + chunk], pm.T, a_blk)
     return ga, gb
 
 
@@ -232,9 +239,6 @@ def finish_clip_grads(ga, gb, ds, a, b, scale_dtype, *, g, coef, w, smooth, sa, 
     return grad_a, grad_b, grad_s
 
 
-_LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def register_loss_backends(op: str, run: Callable, reference: Callable, *, triton, chunked, chunked_doc: str) -> None:
     """Register a tiled loss's three backends, in automatic priority: ``triton`` (its engine; picked
     automatically on CUDA only, since on CPU it runs through the test interpreter), ``chunked``
@@ -244,16 +248,12 @@ def register_loss_backends(op: str, run: Callable, reference: Callable, *, trito
     ``extra["engine"]`` (None for the reference): the distributed loss runs exactly that engine
     across ranks, so the table here is the only one.
     """
-    def triton_check(device=None, dtype=None, **_):
-        return dispatch.triton_device_reasons(device, faster="chunked")
-
+    dispatch.register(op, dispatch.triton_backend(
+        functools.partial(run, triton), faster="chunked",
+        doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)", extra={"engine": triton}))
     dispatch.register(op, dispatch.Backend(
-        "triton", functools.partial(run, triton), devices=("cuda", "cpu"), packages=("triton",), auto_devices=("cuda",),
-        check=triton_check, doc="fused Triton kernels; CPU only through TRITON_INTERPRET=1 (tests)",
-        extra={"engine": triton}))
-    dispatch.register(op, dispatch.Backend(
-        "chunked", functools.partial(run, chunked), devices=("cpu", "cuda"), dtypes=_LOSS_DTYPES, doc=chunked_doc,
+        "chunked", functools.partial(run, chunked), devices=("cpu", "cuda"), dtypes=FLOATS, doc=chunked_doc,
         extra={"engine": chunked}))
     dispatch.register(op, dispatch.Backend(
-        "reference", reference, devices=("cpu", "cuda", "mps", "xpu"), auto_devices=(), dtypes=_LOSS_DTYPES,
+        "reference", reference, devices=ANY_DEVICE, auto_devices=(), dtypes=FLOATS,
         doc="materialised N x N logits (O(N^2) memory); the test oracle", extra={"engine": None}))

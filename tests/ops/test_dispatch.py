@@ -32,6 +32,21 @@ def test_policy_is_declared_on_every_backend():
                 assert not b.picked_automatically(cpu) and b.picked_automatically(cuda), (op, b.name)
 
 
+def test_triton_backend_shares_the_policy_and_lists_the_ops_reasons_first(monkeypatch):
+    b = dispatch.triton_backend(len, faster="other", doc="d", check=lambda head_dim=0, **_: [f"head_dim {head_dim}"],
+                                extra={"engine": 1})
+    assert (b.name, b.fn, b.doc, b.extra, tuple(b.packages)) == ("triton", len, "d", {"engine": 1}, ("triton",))
+    assert tuple(b.dtypes) == (torch.float32, torch.float16, torch.bfloat16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not b.picked_automatically(cpu) and b.picked_automatically(cuda)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert b.check(device=cpu, head_dim=3) == ["head_dim 3"] + dispatch.triton_device_reasons(cpu, faster="other")
+    assert "far slower than 'other'" in b.check(device=cpu)[-1]
+    assert b.check(device=cuda) == ["head_dim 0"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.triton_backend(len, faster="x", doc="").check(device=cpu) == []
+
+
 def test_policy_skip_imports_nothing(monkeypatch):
     """A backend the policy or its devices rule out is refused without checking its packages."""
     checked = []

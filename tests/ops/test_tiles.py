@@ -8,6 +8,7 @@ from fastclip.ops import clip_loss_reference, dispatch, tiles
 from fastclip.ops.tiles import (
     STAT_DTYPE,
     acc_dtype,
+    accumulate_mm,
     chunked_lse,
     chunked_softmax_grads,
     default_chunk_size,
@@ -133,6 +134,26 @@ def test_chunked_softmax_grads_match_a_materialised_p(chunk, dtype):
     only_b = chunked_softmax_grads(a, b, scale, r, c, chunk, need_a=False)
     assert only_a[1] is None and torch.equal(only_a[0], ga)
     assert only_b[0] is None and torch.equal(only_b[1], gb)
+
+
+@pytest.mark.parametrize("mmd, acc", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                      (torch.float16, torch.float32), (torch.bfloat16, torch.float32)], ids=str)
+def test_accumulate_mm_adds_the_product_in_the_accumulation_dtype(mmd, acc):
+    """dst += p @ src into rows of a larger buffer: one addmm_ when the dtypes agree; otherwise the
+    product in the mm dtype (a GPU's tensor cores), cast up, then added (never accumulated in mmd)."""
+    g = torch.Generator().manual_seed(8)
+    p = torch.rand(7, 5, generator=g, dtype=torch.float64).to(mmd)  # a tile of probabilities, cast once
+    src = torch.randn(7, 6, generator=g, dtype=torch.float64).to(mmd)
+    buf = torch.randn(9, 6, generator=g, dtype=torch.float64).to(acc)
+    before = buf.clone()
+    dst = buf[2:7]
+    out = accumulate_mm(dst, p.T, src)  # the transposed tile, as the column products pass it
+    assert out.data_ptr() == dst.data_ptr() and buf.dtype == acc
+    assert torch.equal(buf[:2], before[:2]) and torch.equal(buf[7:], before[7:])  # only its rows
+    expected = before[2:7].double() + p.double().T @ src.double()
+    assert_close(buf[2:7], expected, mmd, "dst + p.T @ src")
+    exact = torch.addmm(before[2:7], p.T, src) if mmd == acc else before[2:7] + torch.mm(p.T, src).to(acc)
+    assert torch.equal(buf[2:7], exact)  # the branch taken, to the bit
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 100])
