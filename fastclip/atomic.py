@@ -15,7 +15,11 @@ import os
 import tempfile
 from typing import Union
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "fsync_dir", "checksum"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "fsync_dir", "checksum", "TRAIN_CHECKPOINT_FORMAT"]
+
+# The ``format`` entry of a fastclip training checkpoint (a checksummed payload): written by
+# fastclip.train.checkpoint, recognised by fastclip.eval, which never imports train.
+TRAIN_CHECKPOINT_FORMAT = "fastclip-train-checkpoint"
 
 
 def fsync_dir(path: str) -> None:

@@ -11,7 +11,7 @@ and the result still depends neither on the order of the candidates nor on how a
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,21 +151,37 @@ def _images_and_tokens(batch, index: int):
     return images, tokens
 
 
+def _caption_lines(batch, index: int, num_images: int) -> list:
+    """Each image's captions: the non-empty lines of its text in the batch's meta dict."""
+    meta = batch[-1]
+    texts = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(texts, (list, tuple)) or len(texts) != num_images:
+        raise ValueError(f"batch {index}: with a tokenizer, the last item must be the loader's meta dict "
+                         f"with the {num_images} images' texts under 'captions' "
+                         "(ClipLoader(return_meta=True))")
+    return [[line.strip() for line in text.split("\n") if line.strip()] for text in texts]
+
+
 def evaluate_retrieval(model: torch.nn.Module, batches: Iterable, *, device=None,
                        autocast_dtype: Optional[torch.dtype] = None, max_batches: Optional[int] = None,
-                       progress: bool = False, chunk_size: int = 1024) -> dict:
-    """Image-text retrieval recall of ``model`` over ``batches``, one caption per image.
+                       progress: bool = False, chunk_size: int = 1024,
+                       tokenizer: Optional[Callable] = None) -> dict:
+    """Image-text retrieval recall of ``model`` over ``batches``, one caption per image, or several
+    with ``tokenizer``.
 
     Args:
         model: has ``encode_image(images [B, 3, S, S], normalize=True) -> [B, D]`` and
             ``encode_text(tokens [B, L], normalize=True) -> [B, D]``.
         batches: an iterable of ``(images, tokens, ...)`` (e.g. a ``ClipLoader(train=False)``);
-            caption j of the whole set describes image j.  For several captions per image,
-            encode them yourself and call :func:`retrieval_metrics`.
+            caption j of the whole set describes image j.
         device: default the model's device.  autocast_dtype: None, torch.float16 or
             torch.bfloat16 (``torch.autocast`` around both towers).
         max_batches: stop after this many batches.  progress: a tqdm bar, if tqdm is installed.
         chunk_size: for :func:`retrieval_metrics`.
+        tokenizer: several captions per image: each batch ends with the loader's meta dict
+            (``ClipLoader(return_meta=True)``) and each non-empty line of ``meta["captions"][j]``
+            is a caption of the batch's image j, tokenised with ``tokenizer`` (a batch whose
+            texts have one line each keeps its own tokens).
 
     Runs under ``torch.no_grad()`` in eval mode (training flags restored).  Returns
     :func:`retrieval_metrics`' dict with ks (1, 5, 10); ValueError if ``batches`` gives no samples.
@@ -173,11 +189,17 @@ def evaluate_retrieval(model: torch.nn.Module, batches: Iterable, *, device=None
     device = model_device(model, device)
     autocast_context(device, autocast_dtype)  # validate before reading any batch
     dtype = model_dtype(model)
-    image_feats, text_feats = [], []
+    image_feats, text_feats, counts = [], [], []
     batches_in = iterate_batches(batches, max_batches, progress, "retrieval")
     with eval_mode(model), torch.no_grad(), batches_in as source:
         for index, batch in enumerate(source):
             images, tokens = _images_and_tokens(batch, index)
+            per_image = torch.ones(images.shape[0], dtype=torch.long)
+            if tokenizer is not None:
+                lines = _caption_lines(batch, index, images.shape[0])
+                per_image = torch.tensor([len(c) for c in lines], dtype=torch.long)
+                if bool((per_image != 1).any()):
+                    tokens = tokenizer([c for caps in lines for c in caps]).long()
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             if autocast_dtype is None and images.is_floating_point() and dtype is not None:
                 images = images.to(dtype)
@@ -186,8 +208,10 @@ def evaluate_retrieval(model: torch.nn.Module, batches: Iterable, *, device=None
                 ft = model.encode_text(tokens, normalize=True)
             image_feats.append(fi.float())
             text_feats.append(ft.float())
+            counts.append(per_image)
     if not image_feats or sum(f.shape[0] for f in image_feats) == 0:
         raise ValueError("batches: the evaluation set is empty (no batches, or only empty ones)")
     image_features, text_features = torch.cat(image_feats), torch.cat(text_feats)
-    text_to_image = torch.arange(image_features.shape[0], device=image_features.device)
+    counts = torch.cat(counts)
+    text_to_image = torch.repeat_interleave(torch.arange(counts.numel()), counts).to(image_features.device)
     return retrieval_metrics(image_features, text_features, text_to_image, chunk_size=chunk_size)

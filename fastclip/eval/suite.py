@@ -7,7 +7,7 @@
                         checkpoint="run/checkpoints/step-00001000.pt", out_dir="results")
 
 Every (dataset, task) pair is run with the library's evaluations (:func:`evaluate_zero_shot`,
-:func:`retrieval_metrics`, ``evaluate_linear_probe``) over webdataset shards read by
+:func:`evaluate_retrieval`, ``evaluate_linear_probe``) over webdataset shards read by
 :class:`fastclip.data.ClipLoader` with the evaluation transform (resize + centre crop; images of
 other modes than RGB are converted, not dropped, so that the set is the whole set).
 
@@ -21,7 +21,7 @@ Zero-shot class names and prompt templates: ``"builtin"`` (the built-in shapes d
 file ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}`` (``{c}`` placeholders, as
 CLIP_benchmark writes them, are accepted too), or by default the ``meta.json`` beside the shards
 (which :func:`fastclip.data.make_shapes_dataset` writes).  Retrieval: a sample whose caption has
-several lines has several captions (one per line), scored with :func:`retrieval_metrics`.
+several lines has several captions (one per line), scored by :func:`evaluate_retrieval`.
 
 Output, per (model, dataset, task), ``<model>__<dataset>__<task>.json`` in ``out_dir``::
 
@@ -53,20 +53,17 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..atomic import atomic_write_bytes, checksum
-from ..lazy import optional_module
-from .common import autocast_context, eval_mode, iterate_batches, model_device, model_dtype
+from ..atomic import TRAIN_CHECKPOINT_FORMAT, atomic_write_bytes, checksum
 from .linear_probe import evaluate_linear_probe
-from .retrieval import retrieval_metrics
+from .retrieval import evaluate_retrieval
 from .zero_shot import evaluate_zero_shot
 
 __all__ = ["TASKS", "PRECISIONS", "run_suite", "load_eval_model", "check_state_dict_fits", "read_classnames",
-           "parse_spec", "write_tables", "result_filename", "headline"]
+           "meta_classnames", "shard_files", "first_sample", "parse_spec", "write_tables", "result_filename",
+           "headline"]
 
 TASKS = ("zeroshot", "retrieval", "linear_probe")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# fastclip.train.checkpoint.FORMAT: eval never imports train, so the marker is spelled out here.
-TRAIN_CHECKPOINT_FORMAT = "fastclip-train-checkpoint"
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BUILTIN = "builtin"
 _RESULT_KEYS = ("dataset", "model", "task", "metrics")
@@ -132,22 +129,27 @@ def _named(what: str, specs) -> dict:
     return out
 
 
-def _shard_files(what: str, shards) -> list:
-    """Every shard file of ``shards``; FileNotFoundError naming the ones that do not exist."""
+def shard_files(shards, what: str = "shards", *, require_all: bool = True) -> list:
+    """The shard files of ``shards`` (as :func:`fastclip.data.shards.expand_shards` takes them) that
+    exist.  ``require_all``: FileNotFoundError naming the missing ones if any is missing (an
+    evaluation set is the whole set); else only when none exists (the training reader counts a
+    missing shard and goes on).  Errors begin with ``what``."""
     from ..data.shards import expand_shards
     try:
         files = expand_shards(shards)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
     missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+    shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+    if missing and require_all:
         raise FileNotFoundError(f"{what}: {len(missing)} of the {len(files)} shard files of {shards!r} do "
                                 f"not exist: {shown}")
-    return files
+    if len(missing) == len(files):
+        raise FileNotFoundError(f"{what}: {shards!r} matches no shard file (looked for {shown})")
+    return [f for f in files if f not in missing]
 
 
-def _first_sample(files: list):
+def first_sample(files: list):
     """The first readable sample of ``files`` (None if there is none): a cheap look before work."""
     from ..data.shards import DataStats, ShardSource
     it = ShardSource(files, shuffle=0, seed=0, check_images=False).iter(0, 0, 1, DataStats(warn=False))
@@ -209,6 +211,24 @@ def read_classnames(path: str) -> tuple[list, list]:
     return _check_class_lists(_read_json(path, "class-name file"), f"class-name file {path!r}")
 
 
+def meta_classnames(files: list) -> Optional[tuple[list, list, str]]:
+    """(classnames, templates, where they came from) in the ``meta.json`` beside the first of
+    ``files`` (the built-in dataset's lists, from ``"builtin"``, when it is the built-in dataset's),
+    or None when there is no such file or it names no classes.  ValueError when it is not JSON or
+    its lists have the wrong shape."""
+    from ..data.synthetic import CLASSNAMES, TEMPLATES
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(files[0])), "meta.json")
+    if not os.path.isfile(meta_path):
+        return None
+    meta = _read_json(meta_path, "meta file")
+    if isinstance(meta, dict) and meta.get("name") == "fastclip-shapes":
+        return list(CLASSNAMES), list(TEMPLATES), _BUILTIN
+    if isinstance(meta, dict) and "classnames" in meta:
+        names, templates = _check_class_lists(meta, meta_path)
+        return names, templates, meta_path
+    return None
+
+
 def _classes_for(dataset: str, source, files: list) -> tuple[list, list, str]:
     """(classnames, templates, where they came from) for ``dataset``'s zero-shot evaluation."""
     from ..data.synthetic import CLASSNAMES, TEMPLATES
@@ -220,19 +240,12 @@ def _classes_for(dataset: str, source, files: list) -> tuple[list, list, str]:
     if source is not None:
         names, templates = read_classnames(source)
         return names, templates, os.path.abspath(source)
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(files[0])), "meta.json")
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ValueError(f"dataset {dataset!r}: its {meta_path} is not valid JSON ({exc}); pass "
-                             f"--classnames {dataset}=FILE.json") from None
-        if isinstance(meta, dict) and meta.get("name") == "fastclip-shapes":
-            return list(CLASSNAMES), list(TEMPLATES), _BUILTIN
-        if isinstance(meta, dict) and "classnames" in meta:
-            names, templates = _check_class_lists(meta, meta_path)
-            return names, templates, meta_path
+    try:
+        found = meta_classnames(files)
+    except ValueError as exc:
+        raise ValueError(f"dataset {dataset!r}: {exc}; pass --classnames {dataset}=FILE.json") from None
+    if found is not None:
+        return found
     raise ValueError(f"dataset {dataset!r}: no class names for zero-shot classification (no meta.json with "
                      f"them beside its shards): pass --classnames {dataset}=FILE.json with "
                      '{"classnames": [...], "templates": [...]}, or --classnames builtin for the built-in '
@@ -275,27 +288,6 @@ def _class_sources(classnames, datasets: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
-def _read_checkpoint(path: str):
-    if path.endswith(".safetensors"):
-        st, why = optional_module("safetensors.torch")
-        if st is None:
-            raise ValueError(f"checkpoint {path!r} is a .safetensors file, which needs the optional package "
-                             f"safetensors ({why}); pip install safetensors")
-        try:
-            return st.load_file(path, device="cpu")
-        except Exception as exc:  # a damaged or foreign file: whatever the reader raises
-            raise ValueError(f"checkpoint {path!r} cannot be read by safetensors ({type(exc).__name__}: "
-                             f"{exc})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, a pickle of other objects, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"checkpoint {path!r} cannot be read as a state dict with "
-                         f"torch.load(weights_only=True) ({type(exc).__name__}: {first}); TorchScript "
-                         "archives (OpenAI's original .pt files) are not read: save "
-                         "torch.jit.load(path).state_dict() first") from None
-
-
 def _list(keys: list, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
@@ -348,14 +340,12 @@ def load_eval_model(model=None, checkpoint: Optional[str] = None, *,
     problem (an unknown model with the list, a checkpoint that cannot be read or does not fit:
     its missing, unexpected and mis-shaped keys), FileNotFoundError for a missing file.
     """
-    from ..models import CLIPConfig, clean_state_dict, create_model
+    from ..models import CLIPConfig, clean_state_dict, create_model, read_checkpoint
     image_size = _pos_int("image_size", image_size, allow_none=True)
     state, fmt, ckpt_config, ckpt_name, path = None, None, None, None, None
     if checkpoint is not None:
         path = os.path.abspath(os.fspath(checkpoint))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} does not exist")
-        payload = _read_checkpoint(path)
+        payload = read_checkpoint(path)
         if not isinstance(payload, Mapping):
             raise ValueError(f"checkpoint {path!r} holds a {type(payload).__name__}, not a state dict")
         if payload.get("format") == TRAIN_CHECKPOINT_FORMAT:
@@ -494,42 +484,12 @@ def _zero_shot(run: _Run, dataset: str, files: list, classes: tuple) -> tuple[di
                      "skipped": dict(loader.epoch_stats.skipped) if loader.epoch_stats else {}}
 
 
-def _captions(text: str) -> list:
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
-@torch.no_grad()
-def _retrieval(run: _Run, dataset: str, files: list) -> tuple[dict, dict]:
-    """:func:`evaluate_retrieval`'s loop, with several captions per image (one per line of the
-    sample's text) scored by :func:`retrieval_metrics`; one caption per image gives the same
-    features, hence the same numbers, as :func:`evaluate_retrieval`."""
-    model, device = run.model, model_device(run.model, run.device)
-    dtype = model_dtype(model)
+def _retrieval(run: _Run, files: list) -> tuple[dict, dict]:
+    """Several captions per image: one per line of the sample's text."""
     loader = run.loader(files, with_labels=False, return_meta=True)
-    image_feats, text_feats, owners = [], [], []
-    n_images = 0
-    batches_in = iterate_batches(loader, run.max_batches, run.progress, f"retrieval {dataset}")
-    with eval_mode(model), batches_in as source:
-        for images, tokens, meta in source:
-            per_image = [_captions(c) for c in meta["captions"]]
-            counts = torch.tensor([len(c) for c in per_image])
-            if bool((counts != 1).any()):
-                tokens = run.tokenizer([c for caps in per_image for c in caps]).long()
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            if run.autocast_dtype is None and images.is_floating_point() and dtype is not None:
-                images = images.to(dtype)
-            with autocast_context(device, run.autocast_dtype):
-                fi = model.encode_image(images, normalize=True)
-                ft = model.encode_text(tokens, normalize=True)
-            image_feats.append(fi.float())
-            text_feats.append(ft.float())
-            owners.append(torch.repeat_interleave(torch.arange(n_images, n_images + len(per_image)), counts))
-            n_images += len(per_image)
-    if n_images == 0:
-        raise ValueError(f"dataset {dataset!r}: the evaluation set is empty (no sample could be read)")
-    text_to_image = torch.cat(owners).to(device)
-    metrics = retrieval_metrics(torch.cat(image_feats), torch.cat(text_feats), text_to_image)
-    return metrics, {"num_samples": n_images,
+    metrics = evaluate_retrieval(run.model, loader, device=run.device, autocast_dtype=run.autocast_dtype,
+                                 max_batches=run.max_batches, progress=run.progress, tokenizer=run.tokenizer)
+    return metrics, {"num_samples": metrics["num_images"],
                      "skipped": dict(loader.epoch_stats.skipped) if loader.epoch_stats else {}}
 
 
@@ -695,7 +655,7 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
     sets = _named("--dataset", datasets)
     if not sets:
         raise ValueError("datasets must name at least one dataset (NAME=SHARDS)")
-    files = {d: _shard_files(f"dataset {d!r}", s) for d, s in sets.items()}
+    files = {d: shard_files(s, f"dataset {d!r}") for d, s in sets.items()}
     train_sets = _named("--train", train)
     stray = [d for d in train_sets if d not in sets]
     if stray:
@@ -706,7 +666,7 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
         if lacking:
             raise ValueError(f"task linear_probe needs a training split for every dataset: give --train "
                              f"NAME=SHARDS for {', '.join(lacking)}")
-        train_files = {d: _shard_files(f"--train {d!r}", s) for d, s in train_sets.items()}
+        train_files = {d: shard_files(s, f"--train {d!r}") for d, s in train_sets.items()}
     batch_size = _pos_int("batch_size", batch_size)
     num_threads = _pos_int("num_threads", num_threads)
     max_batches = _pos_int("max_batches", max_batches, allow_none=True)
@@ -728,7 +688,7 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
     class_sources = _class_sources(classnames, list(sets))
     classes = {}
     for d in sets:
-        first = _first_sample(files[d])
+        first = first_sample(files[d])
         if first is None:
             raise ValueError(f"dataset {d!r}: {sets[d]!r} holds no readable sample")
         needs_labels = [t for t in tasks if t in ("zeroshot", "linear_probe")]
@@ -742,7 +702,7 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
                                  f"names ({classes[d][2]}) have only {len(classes[d][0])} classes; they must "
                                  "cover every label")
         if "linear_probe" in tasks:
-            first_train = _first_sample(train_files[d])
+            first_train = first_sample(train_files[d])
             if first_train is None or first_train.label < 0:
                 why = ("holds no readable sample" if first_train is None
                        else "has no labels (.cls or json 'label')")
@@ -773,7 +733,7 @@ def run_suite(datasets: Union[Mapping[str, object], Sequence[str]],
             if task == "zeroshot":
                 metrics, extra = _zero_shot(run, d, files[d], classes[d])
             elif task == "retrieval":
-                metrics, extra = _retrieval(run, d, files[d])
+                metrics, extra = _retrieval(run, files[d])
             else:
                 key = _cache_key(d, files[d], train_files[d], info["image_size"])
                 metrics, extra = _linear_probe(run, d, files[d], train_files[d], cache_dir, key)

@@ -6,7 +6,7 @@
 """
 from .clip import CLIP
 from .config import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register_model
-from .factory import clean_state_dict, create_model, load_checkpoint
+from .factory import clean_state_dict, create_model, load_checkpoint, read_checkpoint
 
 __all__ = ["CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "create_model", "list_models", "get_model_config",
-           "register_model", "load_checkpoint", "clean_state_dict"]
+           "register_model", "load_checkpoint", "read_checkpoint", "clean_state_dict"]

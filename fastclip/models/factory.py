@@ -9,7 +9,7 @@ import torch
 from .clip import CLIP
 from .config import CLIPConfig
 
-__all__ = ["create_model", "load_checkpoint", "clean_state_dict"]
+__all__ = ["create_model", "load_checkpoint", "read_checkpoint", "clean_state_dict"]
 
 # Keys OpenAI's checkpoints carry as metadata (not parameters); open_clip drops them too.
 _OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
@@ -74,18 +74,44 @@ def clean_state_dict(state_dict: Mapping) -> dict:
     return out
 
 
-def load_checkpoint(model: CLIP, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True):
-    """Load an open_clip / OpenAI CLIP state dict (path or mapping) into ``model``.
+def read_checkpoint(path: Union[str, os.PathLike]):
+    """What a checkpoint file holds (a state dict, a training checkpoint's dict), on the CPU.
 
-    TorchScript archives (OpenAI's original ``.pt`` files) are not read: load them with
-    ``torch.jit.load(path).state_dict()`` first.
+    ``torch.load(weights_only=True)``, or safetensors' ``load_file`` for ``.safetensors`` files
+    (the optional safetensors package).  FileNotFoundError for a missing file; ValueError naming
+    the file when it cannot be read: damaged, not a torch file, or a TorchScript archive (OpenAI's
+    original ``.pt`` files: load them with ``torch.jit.load(path).state_dict()`` first).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from ..lazy import optional_module
+        st, why = optional_module("safetensors.torch")
+        if st is None:
+            raise ValueError(f"checkpoint {path!r} is a .safetensors file, which needs the optional package "
+                             f"safetensors ({why}); pip install safetensors")
+        try:
+            return st.load_file(path, device="cpu")
+        except Exception as exc:  # a damaged or foreign file: whatever the reader raises
+            raise ValueError(f"checkpoint {path!r} cannot be read by safetensors ({type(exc).__name__}: "
+                             f"{exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle of other objects, not a torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"checkpoint {path!r} cannot be read as a state dict with "
+                         f"torch.load(weights_only=True) ({type(exc).__name__}: {first}); if it is not a "
+                         "plain state dict but a TorchScript archive (OpenAI's original .pt files), pass "
+                         "torch.jit.load(path).state_dict() instead") from None
+
+
+def load_checkpoint(model: CLIP, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True):
+    """Load an open_clip / OpenAI CLIP state dict (a path :func:`read_checkpoint` reads, or a
+    mapping) into ``model``.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} is not a plain state dict ({exc}); for "
-                             "TorchScript archives pass torch.jit.load(path).state_dict()") from exc
+        checkpoint = read_checkpoint(checkpoint)
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a path or a state dict mapping, got {type(checkpoint).__name__}")
     return model.load_state_dict(clean_state_dict(checkpoint), strict=strict)

@@ -22,12 +22,12 @@ from typing import Optional
 
 import torch
 
+from ..atomic import TRAIN_CHECKPOINT_FORMAT as FORMAT
 from ..atomic import atomic_torch_save, checksum
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "CheckpointManager",
            "checksum"]
 
-FORMAT = "fastclip-train-checkpoint"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 

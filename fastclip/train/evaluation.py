@@ -6,9 +6,7 @@ or None when no set is configured.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from typing import Callable, Optional
 
@@ -18,48 +16,31 @@ __all__ = ["make_eval_callback", "check_shards", "load_classnames"]
 
 
 def check_shards(pattern: str, key: str) -> list:
-    """The shard files of ``pattern``; ConfigError naming ``key`` if none exists."""
-    from ..data.shards import expand_shards
+    """The shard files of ``pattern`` that exist; ConfigError naming ``key`` if none exists (the
+    reader counts a missing shard and goes on)."""
+    from ..eval.suite import shard_files
     try:
-        files = expand_shards(pattern)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    found = [f for f in files if os.path.isfile(f)]
-    if not found:
-        shown = files[:3] + (["..."] if len(files) > 3 else [])
-        raise ConfigError(f"{key}={pattern!r} matches no shard file (looked for {', '.join(shown)})")
-    return found
+        return shard_files(pattern, key, require_all=False)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_classnames(path: Optional[str], shards: str) -> tuple:
     """(classnames, templates): from ``path`` (JSON with both lists), else the ``meta.json`` beside the
     shards (the built-in dataset writes one), else the built-in dataset's."""
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.classnames={path!r} does not exist")
-        with open(path) as f:
-            d = json.load(f)
-        if not isinstance(d, dict) or not d.get("classnames") or not d.get("templates"):
-            raise ConfigError(f"eval.classnames={path!r} must be a JSON object with non-empty 'classnames' and "
-                              "'templates' lists")
-        return list(d["classnames"]), list(d["templates"])
-    first = check_shards(shards, "eval.zero_shot")[0]
-    meta = os.path.join(os.path.dirname(first), "meta.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            d = json.load(f)
-        if d.get("classnames") and d.get("templates"):
-            return list(d["classnames"]), list(d["templates"])
     from ..data.synthetic import CLASSNAMES, TEMPLATES
-    return list(CLASSNAMES), list(TEMPLATES)
-
-
-def _first_label(shards: str) -> Optional[int]:
-    from ..data.shards import DataStats, ShardSource
-    src = ShardSource(shards, shuffle=0, seed=0, check_images=False)
-    for sample in src.iter(0, 0, 1, DataStats(warn=False)):
-        return sample.label
-    return None
+    from ..eval.suite import meta_classnames, read_classnames
+    if path:
+        try:
+            return read_classnames(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"eval.classnames: {exc}") from None
+    files = check_shards(shards, "eval.zero_shot")
+    try:
+        found = meta_classnames(files)
+    except ValueError as exc:
+        raise ConfigError(f"eval.zero_shot: {exc}") from None
+    return found[:2] if found is not None else (list(CLASSNAMES), list(TEMPLATES))
 
 
 def make_eval_callback(cfg: EvalConfig, image_size: int, tokenizer, device, autocast_dtype=None,
@@ -70,11 +51,11 @@ def make_eval_callback(cfg: EvalConfig, image_size: int, tokenizer, device, auto
     size = cfg.image_size or image_size
     sets = []
     if cfg.zero_shot:
-        check_shards(cfg.zero_shot, "eval.zero_shot")
-        label = _first_label(cfg.zero_shot)
-        if label is None:
+        from ..eval.suite import first_sample
+        first = first_sample(check_shards(cfg.zero_shot, "eval.zero_shot"))
+        if first is None:
             raise ConfigError(f"eval.zero_shot={cfg.zero_shot!r} holds no readable sample")
-        if label < 0:
+        if first.label < 0:
             raise ConfigError(f"eval.zero_shot={cfg.zero_shot!r} has no labels (.cls or json 'label'); zero-shot "
                               "classification needs a labelled set")
         classnames, templates = load_classnames(cfg.classnames, cfg.zero_shot)

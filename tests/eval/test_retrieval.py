@@ -298,6 +298,26 @@ def test_evaluate_end_to_end_on_the_built_in_dataset(model, shapes):
     assert part == retrieval_metrics(fi[:32], ft[:32], torch.arange(32))
 
 
+def test_evaluate_with_several_captions_per_image(model, shapes):
+    """``tokenizer``: each non-empty line of a sample's text is a caption of its image; a set of one
+    line per sample gives the same numbers as without it."""
+    import fastclip
+
+    tok = fastclip.get_tokenizer("ViT-B-32")
+    one = evaluate_retrieval(model, _loader(shapes, return_meta=True), tokenizer=tok)
+    assert one == evaluate_retrieval(model, _loader(shapes))
+
+    def doubled():  # every image gets its caption twice: two relevant texts per image
+        for images, tokens, labels, meta in _loader(shapes, return_meta=True):
+            yield images, tokens, labels, {**meta, "captions": [f"{c}\n{c}" for c in meta["captions"]]}
+
+    two = evaluate_retrieval(model, doubled(), tokenizer=tok)
+    assert two["num_images"] == 64 and two["num_texts"] == 128
+    assert two["text_to_image_R@1"] == one["text_to_image_R@1"]  # each copy finds the same image
+    with pytest.raises(ValueError, match="with a tokenizer, the last item must be the loader's meta dict"):
+        evaluate_retrieval(model, _loader(shapes), tokenizer=tok)
+
+
 def test_evaluate_under_autocast(model, shapes):
     m = evaluate_retrieval(model, _loader(shapes), autocast_dtype=torch.bfloat16, max_batches=1)
     assert m["num_images"] == 16 and 0.0 <= m["text_to_image_R@1"] <= 1.0

@@ -10,6 +10,7 @@ from fastclip.models import (
     get_model_config,
     list_models,
     load_checkpoint,
+    read_checkpoint,
 )
 
 
@@ -103,3 +104,31 @@ def test_load_checkpoint_refusals(tmp_path, tiny):
     with pytest.raises(RuntimeError, match="Missing key"):
         load_checkpoint(tiny, missing)
     load_checkpoint(tiny, missing, strict=False)  # strict=False passes through
+
+
+def test_read_checkpoint_reads_a_state_dict_and_refuses_what_it_cannot_read(tmp_path, tiny):
+    path = tmp_path / "sd.pt"
+    torch.save(tiny.state_dict(), path)
+    got = read_checkpoint(path)
+    assert set(got) == set(tiny.state_dict()) and torch.equal(got["visual.proj"], tiny.state_dict()["visual.proj"])
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*nope.pt' does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match=r"checkpoint '.*junk.pt' cannot be read as a state dict"):
+        read_checkpoint(junk)
+    with pytest.raises(ValueError, match=r"junk.pt' cannot be read"):
+        load_checkpoint(tiny, junk)  # the path form of load_checkpoint reads through it
+
+
+def test_read_checkpoint_of_a_safetensors_file(tmp_path, tiny):
+    path = tmp_path / "model.safetensors"
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        path.write_bytes(b"\0" * 16)
+        with pytest.raises(ValueError, match=r"is a .safetensors file, which needs the optional package safetensors"):
+            read_checkpoint(path)
+        return
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
+    assert set(read_checkpoint(path)) == set(tiny.state_dict())

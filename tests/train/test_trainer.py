@@ -127,6 +127,21 @@ def test_evaluation_set_without_labels_is_refused(shapes, tmp_path):
         Trainer(_cfg(shapes, tmp_path / "x", eval={"zero_shot": str(tmp_path / "nolabels-00000.tar")}))
 
 
+@pytest.mark.parametrize("content,match", [
+    ("[1, 2]", r"eval.classnames: class-name file .* must hold a JSON object"),
+    ('{"classnames": ["a"], "templates": ["no placeholder"]}', r"eval.classnames: .*has no '\{\}' placeholder"),
+    ('{"classnames": ["a"]', r"eval.classnames: class-name file .* is not valid JSON"),
+])
+def test_a_bad_class_name_file_is_refused_before_any_work(shapes, tmp_path, content, match):
+    """The trainer reads class names with the evaluation suite's checks (fastclip.eval.suite)."""
+    names = tmp_path / "classes.json"
+    names.write_text(content)
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=match):
+        Trainer(_cfg(shapes, out, eval={"zero_shot": shapes["zero_shot"], "classnames": str(names)}))
+    assert not out.exists()
+
+
 def test_flip_on_a_resnet_is_refused(shapes, tmp_path):
     cfg = _cfg(shapes, tmp_path / "rn", strategy={"name": "flip"})
     cfg.model.name, cfg.model.overrides = "RN50", {}
