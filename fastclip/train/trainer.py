@@ -42,7 +42,7 @@ from ..flops import mfu
 from .budget import Budget, lr_at
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, agree, barrier, gather_objects, init_distributed, shutdown
+from ..distributed.process import DistInfo, barrier, gather_objects, init_distributed, rank0_decisions, shutdown
 from .evaluation import check_shards, make_eval_callback
 from .metrics import MetricsWriter, ProgressBar, plot_curves
 from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step, restore_optimizer
@@ -352,7 +352,7 @@ class Trainer:
                 epoch_iter = iter(self.loader)
             ratio = budget.mask_ratio_at(budget.progress(clock=False))
             time_up = budget.limits.seconds is not None and budget.used.seconds >= budget.limits.seconds
-            if not budget.fits(ratio, clock=False) or agree([time_up], self.dist)[0]:
+            if not budget.fits(ratio, clock=False) or rank0_decisions([time_up], self.dist)[0]:
                 break
             batch = next(epoch_iter, None)
             if not self._all_have(batch is not None):
@@ -424,7 +424,7 @@ class Trainer:
                 self._evaluate(writer, bar, evals)
             time_ckpt = every_ckpt_s > 0 and time.monotonic() - last_ckpt_t >= every_ckpt_s
             step_ckpt = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if step_ckpt or agree([time_ckpt], self.dist)[0]:
+            if step_ckpt or rank0_decisions([time_ckpt], self.dist)[0]:
                 self._checkpoint(manager)
                 last_ckpt_t = time.monotonic()
         # the end: a final checkpoint, evaluation, curves, summary
