@@ -377,3 +377,17 @@ def test_losses_agree_with_and_without_the_native_tiles(monkeypatch, loss):
     peer = run(a64.float(), b64.float())
     for what, got, want, p in zip(("loss", "grad a", "grad b"), native, exact, peer):
         assert_close(got, want, torch.float32, what, scale_floor=1.0, peers=[p])
+
+
+def test_native_tiles_propagate_nan_and_inf_as_torch_does():
+    """A diverged run's NaN logits must reach the loss (the trainer stops or skips on a NaN loss)."""
+    _native_or_skip()
+    z = _tile(40, 50, seed=4)
+    z[3, 4], z[7, 9] = math.nan, math.inf
+    work = torch.empty_like(z)
+    row, col = tiles.tile_lse_pair(z, work)
+    assert torch.equal(torch.isnan(row), torch.isnan(tile_lse(z, 1, work)))
+    assert torch.equal(torch.isnan(col), torch.isnan(tile_lse(z, 0, work)))
+    assert row[3].isnan() and col[4].isnan() and row[7].isnan() and col[9].isnan()
+    p = tiles.softmax_pair(z.clone(), torch.zeros(40), torch.zeros(50), torch.empty(40, 50))
+    assert p[3, 4].isnan() and not p[0].isnan().any()
