@@ -139,14 +139,18 @@ def shard_files(shards, what: str = "shards", *, require_all: bool = True) -> li
         files = expand_shards(shards)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
-    missing = [f for f in files if not os.path.isfile(f)]
+    found = [f for f in files if os.path.isfile(f)]
+    if len(found) == len(files):
+        return found
+    have = set(found)
+    missing = [f for f in files if f not in have]
     shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
-    if missing and require_all:
+    if require_all:
         raise FileNotFoundError(f"{what}: {len(missing)} of the {len(files)} shard files of {shards!r} do "
                                 f"not exist: {shown}")
-    if len(missing) == len(files):
+    if not found:
         raise FileNotFoundError(f"{what}: {shards!r} matches no shard file (looked for {shown})")
-    return [f for f in files if f not in missing]
+    return found
 
 
 def first_sample(files: list):

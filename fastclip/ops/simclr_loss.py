@@ -223,7 +223,7 @@ def _run_chunked(view1, view2, temperature, chunk):
 dispatch.register("simclr_loss", dispatch.Backend(
     "chunked", _run_chunked, devices=("cpu", "cuda"), dtypes=FLOATS,
     doc="PyTorch tiles over the symmetric upper triangle (fp32 CPU tiles' elementwise work in "
-                   "fastclip._C when it loaded), O(N*D + tile) memory; CPU and CUDA"))
+        "fastclip._C when it loaded), O(N*D + tile) memory; CPU and CUDA"))
 dispatch.register("simclr_loss", dispatch.Backend(
     "reference", _run_reference, devices=ANY_DEVICE, auto_devices=(), dtypes=FLOATS,
     doc="materialised 2N x 2N logits (O(N^2) memory); the test oracle"))

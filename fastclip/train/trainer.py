@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed.process import DistInfo, barrier, gather_objects, init_distributed, rank0_decisions, shutdown
 from ..flops import mfu
 from .budget import Budget, lr_at
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .config import ConfigError, TrainConfig
-from ..distributed.process import DistInfo, barrier, gather_objects, init_distributed, rank0_decisions, shutdown
 from .evaluation import check_shards, make_eval_callback
 from .metrics import MetricsWriter, ProgressBar, plot_curves
 from .step import StepRunner, TrainModule, batch_dict, build_optimizer, optimizer_step, restore_optimizer
